@@ -1,0 +1,32 @@
+"""The `mmfuse` command line: one entry point, one sub-command per task."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmfuse.cli import demo, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfuse",
+        description="mmfuse: fused operators and training for multimodal large models (Qwen2.5-VL).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if argv is None and len(sys.argv) <= 1 else 2
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""Fused operators. Each is a `torch.library.custom_op` in namespace `mmfuse` (so also
+`torch.ops.mmfuse.<name>`), works in eager mode and under `torch.compile`, and dispatches on the
+tensors' device (see `mmfuse.ops._backend`). `mmfuse.ops.reference` holds the exact contracts."""
+
+from mmfuse.ops import reference
+from mmfuse.ops.rms_norm import add_rms_norm, rms_norm
+
+__all__ = ["reference", "rms_norm", "add_rms_norm"]

@@ -1,0 +1,112 @@
+"""Pure-PyTorch reference implementations: the exact contract of every mmfuse op and the oracle
+the tests compare against (in float64). Differentiable through ordinary autograd; slow on purpose
+(clarity over speed). Shape legend: T tokens, H heads, D head dim, R rotary frequencies (<= D/2)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 math for fp32/bf16/fp16, fp64 for fp64 (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face Qwen2RMSNorm: normalise in fp32, round to x's dtype, then multiply by weight."""
+    h = x.to(_math_dtype(x))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(rms_norm(x + residual), x + residual); the sum is rounded to x's dtype before normalising."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+# ---- rotary embeddings -------------------------------------------------------------------------
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first 2R channels of x [T, H, D] (or [B, S, H, D]) by cos/sin [T, R] (or [S, R], [B, S, R]).
+
+    Rotate-half pairs (i, i + R); interleaved pairs (2i, 2i + 1). Channels beyond 2R are unchanged.
+    """
+    R = cos.shape[-1]
+    md = _math_dtype(x)
+    xf = x.to(md)
+    c = cos.to(md)
+    s = sin.to(md)
+    if x.dim() == 4 and c.dim() == 2:
+        c, s = c[None], s[None]          # [1, S, R] broadcast over the batch
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)  # broadcast over heads
+    rot, rest = xf[..., : 2 * R], xf[..., 2 * R:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :R], rot[..., R:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((out, rest), dim=-1).to(x.dtype)
+
+
+def mrope_stream_of_frequency(half_dim: int, mrope_section: Sequence[int]) -> torch.Tensor:
+    """[half_dim] int64: which position stream (0 = t, 1 = h, 2 = w) each frequency uses."""
+    if len(mrope_section) != 3 or sum(mrope_section) != half_dim:
+        raise ValueError(f"mrope_section {list(mrope_section)} must have 3 entries summing to D/2 = {half_dim}")
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(list(mrope_section)))
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int]):
+    """cos, sin [T, D/2] fp32 for M-RoPE: angle[t, j] = float(position_ids[stream(j), t]) * inv_freq[j]."""
+    stream = mrope_stream_of_frequency(inv_freq.shape[0], mrope_section).to(position_ids.device)
+    pos = position_ids.to(torch.float32)                # [3, T]
+    angles = pos[stream].T * inv_freq.to(torch.float32)  # [T, D/2], one fp32 multiply as in HF
+    return angles.cos(), angles.sin()
+
+
+def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                mrope_section: Sequence[int]):
+    """M-RoPE on q [T, Hq, D] and k [T, Hk, D] with rotate-half pairing (Qwen2-VL / Qwen2.5-VL)."""
+    cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section)
+    return rotary(q, cos, sin), rotary(k, cos, sin)
+
+
+def vision_rope_cos_sin(grid_thw: torch.Tensor, head_dim: int, spatial_merge_size: int = 2,
+                        theta: float = 10000.0):
+    """cos, sin [N, head_dim/2] fp32 for the Qwen2.5-VL vision tower, patches in the processor's
+    order (2x2 merge groups contiguous): channels [0, head_dim/4) rotate by the row index h,
+    [head_dim/4, head_dim/2) by the column index w."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    m = spatial_merge_size
+    rows = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).unsqueeze(1).expand(-1, w)
+        wpos = torch.arange(w).unsqueeze(0).expand(h, -1)
+        hpos = hpos.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+        wpos = wpos.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+        rows.append(torch.stack((hpos, wpos), dim=-1).repeat(t, 1))
+    pos = torch.cat(rows).to(torch.float32)                        # [N, 2]
+    angles = (pos[:, :, None] * inv_freq[None, None, :]).flatten(1)  # [N, dim]: h freqs then w freqs
+    return angles.cos(), angles.sin()
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in fp32 math, one rounding to gate's dtype."""
+    md = _math_dtype(gate)
+    return (F.silu(gate.to(md)) * up.to(md)).to(gate.dtype)
+
+
+def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
+    """swiglu of the two halves of the last dim: [gate | up]."""
+    gate, up = x.chunk(2, dim=-1)
+    return swiglu(gate, up)
