@@ -24,6 +24,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return weight * h.to(x.dtype)
 
 
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Closed-form (dx, dweight) of rms_norm, as the C++ kernel computes it (the rounding of the
+    normalised row is treated as identity for dx, and applied for dweight)."""
+    md = _math_dtype(x)
+    xf = x.to(md)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xn = xf * rstd
+    dyf = dy.to(md)
+    g = dyf * weight.to(md)
+    dx = rstd * (g - xn * (g * xn).mean(-1, keepdim=True))
+    dw = (dyf * xn.to(x.dtype).to(md)).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """(rms_norm(x + residual), x + residual); the sum is rounded to x's dtype before normalising."""
     summed = x + residual
