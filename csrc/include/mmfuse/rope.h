@@ -2,6 +2,7 @@
 // kernel from 3 position streams) and the M-RoPE cos/sin table builder. fp32 math.
 // Pairing: rotate-half pairs (i, i + dim/2); interleaved pairs (2i, 2i + 1).
 // Only the first 2*rot channels rotate (partial rotary); the rest are copied.
+// Every output may alias its input (in place); `inverse` rotates by -angle, which is the backward.
 #pragma once
 #include <cstdint>
 
@@ -23,7 +24,9 @@ struct RotaryArgs {
 
 // M-RoPE (Qwen2-VL / Qwen2.5-VL): frequency j in [0, dim/2) uses position stream s(j), where the
 // frequencies are split into consecutive sections [t, h, w] = sections[0..2]; angle =
-// float(position_ids[s(j)][token]) * inv_freq[j] in fp32. Rotate-half pairing. q and k in one call.
+// float(position_ids[s(j)][token]) * inv_freq[j] in fp32 (one rounding, as HF computes it), then
+// cos/sin in fp32 (libm), computed once per token. Rotate-half pairing over the full head dim.
+// q and k in one call; k may be null; all tensors contiguous.
 struct MRopeArgs {
   const void* q = nullptr;  void* q_out = nullptr; int64_t q_heads = 0;  // [tokens, q_heads, dim]
   const void* k = nullptr;  void* k_out = nullptr; int64_t k_heads = 0;  // optional, [tokens, k_heads, dim]
@@ -36,6 +39,7 @@ struct MRopeArgs {
   int num_threads = 0;
 };
 
+// The M-RoPE tables themselves: cos/sin [tokens, half_dim] of the angles described above.
 struct MRopeCosSinArgs {
   const int64_t* position_ids = nullptr;  // [3, tokens]
   const float* inv_freq = nullptr;        // [half_dim]

@@ -4,5 +4,8 @@ tensors' device (see `mmfuse.ops._backend`). `mmfuse.ops.reference` holds the ex
 
 from mmfuse.ops import reference
 from mmfuse.ops.rms_norm import add_rms_norm, rms_norm
+from mmfuse.ops.rotary import apply_mrope, mrope_cos_sin, rotary, vision_rope_cos_sin
 
-__all__ = ["reference", "rms_norm", "add_rms_norm"]
+__all__ = [
+    "reference", "rms_norm", "add_rms_norm", "rotary", "apply_mrope", "mrope_cos_sin", "vision_rope_cos_sin",
+]
