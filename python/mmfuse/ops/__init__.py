@@ -4,5 +4,6 @@ tensors' device (see `mmfuse.ops._backend`). `mmfuse.ops.reference` holds the ex
 
 from mmfuse.ops import reference
 from mmfuse.ops.rms_norm import add_rms_norm, rms_norm
+from mmfuse.ops.swiglu import swiglu, swiglu_packed
 
-__all__ = ["reference", "rms_norm", "add_rms_norm"]
+__all__ = ["reference", "rms_norm", "add_rms_norm", "swiglu", "swiglu_packed"]
