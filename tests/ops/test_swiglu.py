@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfuse.ops import _backend, reference, swiglu, swiglu_packed
+from mmfuse.ops import _alloc, _backend, reference, swiglu, swiglu_packed
 from mmfuse.ops.swiglu import _rows
 from tests.ops.numerics import assert_matches, supported_isas, use_isa
 
@@ -153,6 +153,13 @@ def test_packed_equals_unpacked_on_its_halves_bit_for_bit():
     (dx,) = torch.autograd.grad(y, (x,), dout)
     dg, du = torch.autograd.grad(y2, (gate, up), dout)
     assert torch.equal(dx, torch.cat((dg, du), dim=-1))
+
+
+def test_large_outputs_with_huge_page_advice_are_correct():
+    # 2048 x 1100 fp32 outputs are 8.6 MiB: above the size from which mmfuse.ops._alloc advises huge pages.
+    assert 2048 * 1100 * 4 >= _alloc._MIN_BYTES
+    _check_swiglu(torch.randn(2048, 1100), torch.randn(2048, 1100))
+    _check_packed(torch.randn(2048, 2 * 1100))
 
 
 def test_result_does_not_depend_on_thread_count():

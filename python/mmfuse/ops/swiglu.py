@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mmfuse import _core
-from mmfuse.ops import _backend, reference
+from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_same_device, dtype_code, num_threads, ptr
 
 
@@ -68,7 +68,7 @@ def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
 def _cpp_fwd(gate_RN, gs, up_ptr, us, out_shape, like):
     C = _core.require()
     rows, N = gate_RN.shape
-    out = torch.empty(out_shape, dtype=like.dtype)
+    out = _alloc.empty(out_shape, like.dtype)
     C.swiglu_fwd(ptr(gate_RN), gs, up_ptr, us, ptr(out), N, rows, N, dtype_code(like), num_threads())
     return out
 
@@ -97,7 +97,7 @@ def _cpp_bwd(dout, gate_RN, gs, up_ptr, us, dgate_ptr, dup_ptr, ds):
 def _swiglu_backward_cpp(dout, gate, up):
     N = gate.shape[-1]
     g, u = _rows(gate, N), _rows(up, N)
-    dgate, dup = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(up.shape, dtype=up.dtype)
+    dgate, dup = _alloc.empty(gate.shape, gate.dtype), _alloc.empty(up.shape, up.dtype)
     _cpp_bwd(dout, g, g.stride(0), ptr(u), u.stride(0), ptr(dgate), ptr(dup), N)
     return dgate, dup
 
@@ -106,7 +106,7 @@ def _swiglu_packed_backward_cpp(dout, x):
     N = x.shape[-1] // 2
     x_R2N = _rows(x, 2 * N)
     s = x_R2N.stride(0)
-    dx = torch.empty(x.shape, dtype=x.dtype)
+    dx = _alloc.empty(x.shape, x.dtype)
     off = N * x.element_size()
     _cpp_bwd(dout, x_R2N[:, :N], s, ptr(x_R2N) + off, s, ptr(dx), ptr(dx) + off, 2 * N)
     return dx
