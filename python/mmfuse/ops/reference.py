@@ -124,3 +124,19 @@ def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     """swiglu of the two halves of the last dim: [gate | up]."""
     gate, up = x.chunk(2, dim=-1)
     return swiglu(gate, up)
+
+
+def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """Closed-form (dgate, dup) of swiglu, fp32 math, one rounding each, as the C++ kernel computes
+    them: with s = sigmoid(gate), dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s."""
+    md = _math_dtype(gate)
+    g, u, d = gate.to(md), up.to(md), dout.to(md)
+    s = torch.sigmoid(g)
+    ds = d * s
+    return (ds * u * (1 + g * (1 - s))).to(gate.dtype), (ds * g).to(up.dtype)
+
+
+def swiglu_packed_backward(dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of swiglu_packed: [dgate | dup] in x's layout."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.cat(swiglu_backward(dout, gate, up), dim=-1)
