@@ -5,7 +5,9 @@ A fresh CPU tensor of many MiB costs more in page faults than the kernel that fi
 kernels and ~140 ms faulting in the three new 176 MiB outputs 4 KiB at a time. Advising huge
 pages on the 2 MiB-aligned interior of each large output before the kernel first writes it
 brings fwd+bwd from ~210 to ~100 ms. PyTorch's THP_MEM_ALLOC_ENABLE=1 does the same for every
-allocation; here it applies to mmfuse's own outputs only. The advice is a hint: where it is
+allocation; here it applies to the outputs of every mmfuse CPU op (and nothing else). Benchmarks
+report mmfuse and its baselines both with and without THP_MEM_ALLOC_ENABLE=1, so the share of a
+speed-up that comes from this (rather than from the kernel) is visible. The advice is a hint: where it is
 unavailable or refused, the tensor is an ordinary one.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mmfuse import _core
-from mmfuse.ops import _backend, reference
+from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_same_device, dtype_code, num_threads, ptr
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -42,9 +42,9 @@ def _cpp_fwd(x, weight, residual, eps):
     C = _core.require()
     x = x.contiguous()
     w = weight.contiguous()
-    y = torch.empty(x.shape, dtype=_out_dtype(x, w))
+    y = _alloc.empty(x.shape, _out_dtype(x, w))
     r = residual.contiguous() if residual is not None else None
-    s = torch.empty_like(x) if r is not None else None
+    s = _alloc.empty(x.shape, x.dtype) if r is not None else None
     D = x.shape[-1]
     C.rms_norm_fwd(ptr(x), ptr(r), ptr(w), ptr(y), ptr(s), 0, x.numel() // max(D, 1), D,
                    dtype_code(x), dtype_code(w), dtype_code(y), eps, num_threads())
@@ -57,7 +57,7 @@ def _cpp_bwd(dy, x, weight, eps, dsum):
     w = weight.contiguous()
     dy = dy.to(_out_dtype(x, w)).contiguous()
     ds = dsum.to(x.dtype).contiguous() if dsum is not None else None
-    dx = torch.empty_like(x)
+    dx = _alloc.empty(x.shape, x.dtype)
     dw = torch.empty_like(w)
     D = x.shape[-1]
     C.rms_norm_bwd(ptr(dy), ptr(x), ptr(w), 0, ptr(ds), ptr(dx), ptr(dw), x.numel() // max(D, 1), D,

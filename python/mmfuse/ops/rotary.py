@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from mmfuse import _core
-from mmfuse.ops import _backend, reference
+from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_rank, check_same_device, dtype_code, num_threads, ptr
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -118,7 +118,7 @@ def _check_mrope(op: str, q: torch.Tensor, k: torch.Tensor, position_ids: torch.
 def _rotary_cpp(x, cos, sin, interleaved, inverse):
     C = _core.require()
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = _alloc.empty(x.shape, x.dtype)
     H, D, R = x.shape[-2], x.shape[-1], cos.shape[-1]
     C.rotary(ptr(x), ptr(y), ptr(cos), ptr(sin), math.prod(x.shape[:-2]), H, D, R, math.prod(cos.shape[:-1]),
              dtype_code(x), dtype_code(cos), interleaved, inverse, num_threads())
@@ -195,8 +195,8 @@ def _apply_mrope_cpp(q, k, position_ids, inv_freq, mrope_section, inverse):
     q, k = q.contiguous(), k.contiguous()
     pos = position_ids.to(torch.int64).contiguous()
     inv = inv_freq.to(torch.float32).contiguous()
-    q_out = torch.empty(q.shape, dtype=q.dtype)
-    k_out = torch.empty(k.shape, dtype=k.dtype)
+    q_out = _alloc.empty(q.shape, q.dtype)
+    k_out = _alloc.empty(k.shape, k.dtype)
     T, D = q.shape[0], q.shape[-1]
     C.mrope(ptr(q), ptr(q_out), q.shape[1], ptr(k), ptr(k_out), k.shape[1], ptr(pos), ptr(inv), T, D,
             *mrope_section, dtype_code(q), inverse, num_threads())
