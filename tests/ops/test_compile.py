@@ -7,17 +7,32 @@ from mmfuse import ops
 
 
 class TinyBlock(torch.nn.Module):
-    def __init__(self, dim: int = 64):
+    """Norm -> q/k projection with M-RoPE -> rotary on a third head set -> add+norm -> SwiGLU MLP."""
+
+    def __init__(self, dim: int = 64, heads: int = 4):
         super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
         self.norm1 = torch.nn.Parameter(torch.rand(dim) + 0.5)
         self.norm2 = torch.nn.Parameter(torch.rand(dim) + 0.5)
-        self.proj = torch.nn.Linear(dim, dim)
+        self.qk = torch.nn.Linear(dim, 2 * dim)
+        self.gate_up = torch.nn.Linear(dim, 4 * dim)
+        self.down = torch.nn.Linear(4 * dim, dim)
+        half = self.head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half)))
+        self.section = [2, 3, 3]
 
-    def forward(self, x, residual):
+    def forward(self, x, residual, position_ids):
+        T = x.shape[0]
         h = ops.rms_norm(x, self.norm1)
-        h = self.proj(h)
+        q, k = self.qk(h).view(T, 2 * self.heads, self.head_dim).chunk(2, dim=1)
+        q, k = ops.apply_mrope(q, k, position_ids, self.inv_freq, self.section)
+        cos, sin = ops.mrope_cos_sin(position_ids, self.inv_freq, self.section)
+        k = ops.rotary(k, cos, sin)
+        h = (q * k).flatten(1)
         normed, summed = ops.add_rms_norm(h, residual, self.norm2)
-        return normed * 2 + summed
+        gate, up = self.gate_up(normed).chunk(2, dim=-1)
+        mlp = self.down(torch.cat((ops.swiglu(gate, up), ops.swiglu_packed(self.gate_up(normed))), dim=-1))
+        return mlp + summed
 
 
 def test_block_compiles_fullgraph_and_matches_eager():
@@ -25,11 +40,12 @@ def test_block_compiles_fullgraph_and_matches_eager():
     block = TinyBlock()
     x = torch.randn(10, 64, requires_grad=True)
     r = torch.randn(10, 64, requires_grad=True)
-    eager_out = block(x, r)
+    pos = torch.stack((torch.arange(10), torch.arange(10) // 3, torch.arange(10) % 3))
+    eager_out = block(x, r, pos)
     eager_grads = torch.autograd.grad(eager_out.sum(), (x, r, *block.parameters()))
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
-    out = compiled(x, r)
+    out = compiled(x, r, pos)
     grads = torch.autograd.grad(out.sum(), (x, r, *block.parameters()))
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, eager_grads):
