@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script: make `bench` (and an unbuilt source tree's `mmfuse`) importable.
+    # Run as a script: import `bench` from the repository root instead of the script's folder (whose
+    # module names would shadow others), and fall back to an unbuilt source tree's `mmfuse`.
     _root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(_root))
+    sys.path[0] = str(_root)
     try:
         import mmfuse  # noqa: F401
     except ImportError:

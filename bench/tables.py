@@ -107,7 +107,8 @@ def targets_text(check_rows: list[dict]) -> str:
 def targets_markdown(check_rows: list[dict]) -> str:
     lines = ["| op | threads | allocator | target | value | status | detail |", "|---|---:|---|---|---:|---|---|"]
     for r in check_rows:
-        lines.append(f"| {r['op']} | {r['threads']} | {r['allocator']} | {r['target']} | {format_value(r)} | "
+        lines.append(f"| {r['op']} | {r['threads']} | {r['allocator']} | {r['target']} | "
+                     f"{format_value(r) if r['threshold'] is not None else ''} | "
                      f"{r['status']} | {r['detail'] or r['reason'] or ''} |")
     return "\n".join(lines)
 
