@@ -46,12 +46,13 @@ def torch_add_rms_norm(x, residual, weight, eps: float = EPS):
     return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
 
 
-def shape(quick: bool) -> tuple[int, int]:
+def default_shape(quick: bool) -> tuple[int, int]:
+    """(N, D)."""
     return (2048, 1024) if quick else (8192, 2048)
 
 
-def cases(op: str, quick: bool, dtypes) -> list[Case]:
-    N, D = shape(quick)
+def cases(op: str, quick: bool, dtypes, shape: tuple[int, int] | None = None) -> list[Case]:
+    N, D = shape or default_shape(quick)
     out = []
     for dtype in dtypes:
         s = torch.finfo(dtype).bits // 8

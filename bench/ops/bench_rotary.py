@@ -26,7 +26,6 @@ from bench.harness import Case, Provider, compiled, mmfuse_op
 
 OPS = ("rotary", "apply_mrope")
 ROPE_THETA = 1e6          # Qwen2.5-VL text rope_theta
-MROPE_SECTION = [16, 24, 24]
 TOKENS_PER_SECOND = 2     # Qwen2.5-VL vision_config.tokens_per_second
 SECOND_PER_GRID_T = 1.0   # temporal_patch_size 2 at the processor's default 2 fps
 
@@ -92,14 +91,21 @@ def multimodal_position_ids(T: int) -> torch.Tensor:
     return torch.cat(chunks, dim=1).contiguous()
 
 
-def shape(quick: bool) -> tuple[int, int, int, int]:
+def default_shape(quick: bool) -> tuple[int, int, int, int]:
     """(T, Hq, Hk, D)."""
     return (512, 16, 16, 128) if quick else (4096, 16, 16, 128)
 
 
-def cases(op: str, quick: bool, dtypes) -> list[Case]:
-    T, Hq, Hk, D = shape(quick)
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's [16, 24, 24] at head dim 128, the same proportions for other (test) head dims."""
+    t, h = head_dim // 8, 3 * head_dim // 16
+    return [t, h, head_dim // 2 - t - h]
+
+
+def cases(op: str, quick: bool, dtypes, shape: tuple[int, int, int, int] | None = None) -> list[Case]:
+    T, Hq, Hk, D = shape or default_shape(quick)
     R = D // 2
+    section = mrope_section(D)
     E = T * (Hq + Hk) * D
     out = []
     for dtype in dtypes:
@@ -136,14 +142,13 @@ def cases(op: str, quick: bool, dtypes) -> list[Case]:
             model = {"fwd": "2·E·s + 3·T·8 + R·4", "fwd+bwd": "4·E·s + 2·(3·T·8 + R·4)"}
             hf_c = compiled(hf_apply_multimodal_rotary_pos_emb)
             providers = [
-                mmfuse_op("apply_mrope", lambda f, i: f(i["q"], i["k"], i["position_ids"], i["inv_freq"],
-                                                        MROPE_SECTION)),
+                mmfuse_op("apply_mrope", lambda f, i: f(i["q"], i["k"], i["position_ids"], i["inv_freq"], section)),
                 Provider("hf_eager", lambda i: hf_apply_multimodal_rotary_pos_emb(
-                    i["q"], i["k"], i["cos_hf"], i["sin_hf"], MROPE_SECTION)),
-                Provider("torch_compile", lambda i, f=hf_c: f(i["q"], i["k"], i["cos_hf"], i["sin_hf"],
-                                                              MROPE_SECTION)),
+                    i["q"], i["k"], i["cos_hf"], i["sin_hf"], section)),
+                Provider("torch_compile", lambda i, f=hf_c: f(i["q"], i["k"], i["cos_hf"], i["sin_hf"], section)),
             ]
-            note = "hf_eager/torch_compile get cos/sin [3, T, D] precomputed (once per forward in HF)"
+            note = (f"mrope_section {section}; hf_eager/torch_compile get cos/sin [3, T, D] precomputed "
+                    "(once per forward in HF)")
         else:
             raise ValueError(f"unknown op {op!r}; this module benchmarks {', '.join(OPS)}")
         out.append(Case(op=op, shape=f"{T}x{Hq}+{Hk}x{D}", dims={"T": T, "Hq": Hq, "Hk": Hk, "D": D},

@@ -31,12 +31,13 @@ def hf_swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def shape(quick: bool) -> tuple[int, int]:
+def default_shape(quick: bool) -> tuple[int, int]:
+    """(N, F)."""
     return (1024, 1408) if quick else (8192, 5632)
 
 
-def cases(op: str, quick: bool, dtypes) -> list[Case]:
-    N, Fdim = shape(quick)
+def cases(op: str, quick: bool, dtypes, shape: tuple[int, int] | None = None) -> list[Case]:
+    N, Fdim = shape or default_shape(quick)
     out = []
     for dtype in dtypes:
         s = torch.finfo(dtype).bits // 8
