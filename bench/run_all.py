@@ -216,7 +216,7 @@ def allocator_comparison(records: list[dict]) -> str:
     if not lines:
         return ""
     header = ("op", "dtype", "mode", "provider", "threads", "default ms", "tuned ms", "default/tuned")
-    return tables.text_table(lines, header)
+    return tables.text_table(lines, header, left=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r for r in payload["records"] if r["status"] == "error"]
     for r in errors:
         print(f"error: {r['op']} {r['dtype']} {r['mode']} {r['provider']}: {r['reason']}")
-    print(f"\nwrote {path}")
+    if args.command is None:  # a child's file is a temporary the parent merges
+        print(f"\nwrote {path}")
     return 0
 
 

@@ -59,17 +59,19 @@ def title(key: tuple, records: list[dict]) -> str:
     return f"{op} {shape}, {threads} threads, allocator {allocator} -- bytes: {bytes_txt}"
 
 
-def text_table(cells: list[tuple[str, ...]], header=HEADER) -> str:
+def text_table(cells: list[tuple[str, ...]], header=HEADER, left: int = 3) -> str:
+    """Aligned columns: the first `left` left-aligned, the rest (numbers) right-aligned."""
     widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
     # A skip/error message spans the numeric columns: do not let it widen them.
-    widths[3] = max(len(header[3]), *(len(c[3]) for c in cells if not c[3].startswith(("skipped", "error"))))
+    if header is HEADER:
+        widths[3] = max([len(header[3])] + [len(c[3]) for c in cells if not c[3].startswith(("skipped", "error"))])
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
     for c in cells:
-        if c[3].startswith(("skipped", "error")):
+        if header is HEADER and c[3].startswith(("skipped", "error")):
             lines.append("  ".join(x.ljust(w) for x, w in zip(c[:3], widths[:3])) + "  " + c[3])
         else:
-            lines.append("  ".join(x.rjust(w) if i >= 3 else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
+            lines.append("  ".join(x.rjust(w) if i >= left else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
     return "\n".join(lines)
 
 

@@ -206,3 +206,20 @@ def _check_roofline_and_speedups(records):
     for r in records:
         if r["provider"] == harness.MMFUSE and r["status"] == "ok":
             assert set(r["speedup_vs"]) == {"hf_eager", "torch_fused", "torch_compile"}
+
+
+def test_failing_provider_is_recorded_and_the_others_still_run():
+    case = _cases("rms_norm")[0]
+
+    def broken(inputs):
+        raise RuntimeError("no kernel for this shape")
+    case.providers.insert(1, harness.Provider("torch_fused", broken))
+    case.providers = [p for p in case.providers if p.name != "torch_fused" or p.fn is broken]
+    messages = []
+    records = harness.run_case(case, timing=FAST, progress=messages.append)
+    failed = [r for r in records if r["provider"] == "torch_fused"]
+    assert [r["status"] for r in failed] == ["error", "error"]
+    assert failed[0]["reason"] == "RuntimeError: no kernel for this shape"
+    assert any("error: RuntimeError" in m for m in messages)
+    assert all(r["status"] in ("ok", "model") for r in records if r["provider"] in ("hf_eager", harness.ROOFLINE))
+    assert "error: RuntimeError" in tables.format_text(records)
