@@ -71,7 +71,11 @@ from different runs.
   of the copy bandwidth; bf16 at least 1.5x faster than fp32 on the same shape.
 - **Reproduce.** `make dev`, then `PYTHONPATH=python:. python bench/run_all.py` (the command of each
   result is printed below), `python bench/plot.py RESULTS.json`, `python bench/report.py RESULTS.json`.
-  Benchmarks are not tests: the test suite makes no timing assertion.
+  `make bench-quick` (or `--quick`) runs small shapes in about a minute to check the harness; its
+  timings mean nothing. On a machine whose cores are shared, use `--threads 1`: an OpenMP barrier
+  waits for a descheduled thread, which turned a 8 MiB copy from ~27 GB/s into ~2 GB/s at 2 threads
+  on the 2-core build VM while another process ran. Benchmarks are not tests: the test suite makes
+  no timing assertion.
 
 ## Results
 
