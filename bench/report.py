@@ -59,7 +59,8 @@ from different runs.
   fusing saves); they are still credited with the minimal bytes, so GB/s compares like with like.
 - **Roofline.** Bytes / copy bandwidth, where the copy bandwidth is `out.copy_(src)` into a
   preallocated, already-touched buffer the size of the op's largest tensor, counting read + write,
-  measured in the same run. `% copy BW` = effective bandwidth / copy bandwidth. The fp32 GEMM rate
+  measured in the same run; the best of up to 20 copies is used, since the roofline is an upper
+  bound. `% copy BW` = effective bandwidth / copy bandwidth. The fp32 GEMM rate
   (2048³) is recorded alongside.
 - **Allocator.** Large CPU allocations are page-fault bound on these VMs (a fresh 64 MiB tensor
   costs several times a write into an existing buffer). `--allocator default` keeps glibc as the
