@@ -42,5 +42,9 @@ test: build
 bench: build
 	$(VPY) bench/run_all.py
 
+# Smoke run of the benchmark harness on small shapes (about a minute); timings are not meaningful.
+bench-quick: dev
+	PYTHONPATH=python:. $(VPY) bench/run_all.py --quick
+
 clean:
 	rm -rf build dist python/mmfuse/_C*.so

@@ -1,0 +1,162 @@
+"""Write a results JSON into docs/performance.md as markdown: machine, versions, commit, date, the
+exact command, the targets check and one table per op. Only the text between the
+`<!-- bench:begin -->` and `<!-- bench:end -->` markers is replaced; the file (with its
+methodology section) is created when missing.
+
+  python bench/report.py bench/results/cpu-20261127-abc1234.json [--doc docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+
+from bench import tables, targets  # noqa: E402
+from bench.common import REPO_ROOT, read_json  # noqa: E402
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+DEFAULT_DOC = REPO_ROOT / "docs" / "performance.md"
+
+INTRO = f"""# Performance
+
+How fast mmfuse's fused ops are against the code they replace, measured side by side in one run
+on one machine. Figures are ratios to baselines measured in the same process, never bare times
+from different runs.
+
+## Method
+
+- **Providers.** `mmfuse` (the `mmfuse.ops` custom op); `hf_eager` (the Hugging Face eager code:
+  Qwen2RMSNorm's fp32 upcast, rotate_half + cat with cos/sin `[T, D] = cat(freqs, freqs)`,
+  `apply_multimodal_rotary_pos_emb`'s per-layer section split of cos/sin `[3, T, D]`,
+  `F.silu(gate) * up`); `torch_fused` where PyTorch has a fused op (`F.rms_norm`); `torch_compile`
+  (`torch.compile` of the hf_eager function, compiled once before timing); `roofline`.
+- **Modes.** `fwd` is the forward of a training step (inputs require grad); `fwd+bwd` adds the
+  backward of every output with fixed random output gradients. Input gradients are set to None
+  before each rep, outside the timed region, so each backward allocates them as a step after
+  `zero_grad(set_to_none=True)` does.
+- **Timing.** Wall clock (`time.perf_counter`) around each call, after warmup calls; median (p50)
+  with the 20th and 80th percentiles, as Liger-Kernel and `triton.testing.do_bench` report. The
+  garbage collector is paused while timing. Threads: `torch.set_num_threads`, which mmfuse's
+  kernels follow as well.
+- **Byte model.** Minimal bytes moved: every input read once and every output written once, per
+  pass (`fwd+bwd` = forward + backward, as a training step must run them). `s` is the element
+  size (4 for fp32, 2 for bf16):
+
+  | op | fwd | fwd+bwd |
+  |---|---|---|
+  | rms_norm `[N, D]` | read x, w; write y: `2·N·D·s + D·s` | + read x, dy, w; write dx, dw: `5·N·D·s + 3·D·s` |
+  | add_rms_norm `[N, D]` | read x, r, w; write y, x + r: `4·N·D·s + D·s` | + read sum, dy, dsum, w; write dx (= dr), dw: `8·N·D·s + 3·D·s` |
+  | rotary q, k `[T, H, D]`, E = T·(Hq+Hk)·D, R = D/2 | read q, k, cos, sin (fp32 `[T, R]`); write q', k': `2·E·s + 2·T·R·4` | `4·E·s + 4·T·R·4` |
+  | apply_mrope (angles computed in the kernel) | read q, k, position ids `[3, T]` int64, inv_freq; write q', k': `2·E·s + 3·T·8 + R·4` | `4·E·s + 2·(3·T·8 + R·4)` |
+  | swiglu `[N, F]` / swiglu_packed `[N, 2F]` | read gate, up; write out: `3·N·F·s` | + read dout, gate, up; write dgate, dup: `8·N·F·s` |
+
+  Effective bandwidth = bytes / p50 time. Baselines move more bytes than this (that is what
+  fusing saves); they are still credited with the minimal bytes, so GB/s compares like with like.
+- **Roofline.** Bytes / copy bandwidth, where the copy bandwidth is `out.copy_(src)` into a
+  preallocated, already-touched buffer the size of the op's largest tensor, counting read + write,
+  measured in the same run; the best of up to 20 copies is used, since the roofline is an upper
+  bound. `% copy BW` = effective bandwidth / copy bandwidth. The fp32 GEMM rate
+  (2048³) is recorded alongside.
+- **Allocator.** Large CPU allocations are page-fault bound on these VMs (a fresh 64 MiB tensor
+  costs several times a write into an existing buffer). `--allocator default` keeps glibc as the
+  environment configures it; `--allocator tuned` calls `mmfuse.runtime.tune_allocator()` (glibc
+  M_MMAP_THRESHOLD / M_TRIM_THRESHOLD raised to 1 GiB, so freed tensors are reused) before anything
+  is timed; `--allocator both` runs each in its own process. Each table states its setting, and
+  every provider in a table ran under the same one.
+- **Targets** (CPU, from the design): fp32 `fwd+bwd` at least 2x `torch.compile` and at least 50%
+  of the copy bandwidth; bf16 at least 1.5x faster than fp32 on the same shape.
+- **Reproduce.** `make dev`, then `PYTHONPATH=python:. python bench/run_all.py` (the command of each
+  result is printed below), `python bench/plot.py RESULTS.json`, `python bench/report.py RESULTS.json`.
+  `make bench-quick` (or `--quick`) runs small shapes in about a minute to check the harness; its
+  timings mean nothing. On a machine whose cores are shared, use `--threads 1`: an OpenMP barrier
+  waits for a descheduled thread, which turned a 8 MiB copy from ~27 GB/s into ~2 GB/s at 2 threads
+  on the 2-core build VM while another process ran. Benchmarks are not tests: the test suite makes
+  no timing assertion.
+
+## Results
+
+{BEGIN}
+No results recorded yet.
+{END}
+"""
+
+
+def _env_lines(results: dict) -> list[str]:
+    """Machine, versions, commit and date once; then the settings and rates of each run."""
+    envs = results.get("environments") or [{}]
+    env = envs[0]
+    commit = f"{env.get('git_commit')}{' (uncommitted changes)' if env.get('git_dirty') else ''}"
+    core = f"active ISA {env.get('mmfuse_active_isa')}" if env.get("mmfuse_cpp_core") else "NOT built"
+    lines = [
+        f"- **Machine:** {env.get('cpu_model')}; {env.get('usable_cpus')} usable CPUs ({env.get('physical_cores')} "
+        f"cores), {env.get('memory_gib')} GiB; flags {', '.join(env.get('cpu_flags', []))}",
+        f"- **Versions:** torch {env.get('torch')}, mmfuse {env.get('mmfuse')} (C++ core {core}), "
+        f"Python {env.get('python')}, {env.get('platform')}",
+        f"- **Commit:** {commit}; **date:** {env.get('date_utc')}",
+    ]
+    for env in envs:
+        alloc = env.get("allocator", {})
+        alloc_txt = env.get("allocator_setting", "default")
+        if alloc.get("tuned"):
+            alloc_txt += f" (mallopt thresholds {alloc['mallopt']['retain_bytes'] >> 20} MiB)"
+        if alloc.get("env"):
+            alloc_txt += ", env " + ", ".join(f"{k}={v}" for k, v in alloc["env"].items())
+        copy = ", ".join(f"{int(k) / 2**20:.0f} MiB {v:.1f} GB/s" for k, v in (env.get("copy_gbps") or {}).items())
+        extra = f"; env {env['env']}" if env.get("env") else ""
+        lines.append(f"- **{env.get('threads')} threads, allocator {alloc_txt}** (THP "
+                     f"{alloc.get('transparent_hugepage')}{extra}; load average at start {env.get('load_average')}): "
+                     f"copy bandwidth {copy or '-'}; fp32 GEMM {env.get('sgemm_gflops', 0):.0f} GFLOP/s")
+    return lines
+
+
+def render(results: dict, doc_dir: Path) -> str:
+    s = results.get("settings", {})
+    parts = [f"Command: `{results.get('command')}`", ""]
+    if s.get("quick"):
+        parts += ["**Quick run (small shapes, few reps): a smoke test of the harness, not a measurement.**", ""]
+    parts += _env_lines(results)
+    parts += [f"- **Timing:** {s.get('warmup')} warmup, up to {s.get('reps')} reps "
+              f"(at most {s.get('max_time_s')} s per measurement)", ""]
+    notes = results.get("notes") or {}
+    parts += ["### Targets", "", tables.targets_markdown(targets.check(results["records"])), ""]
+    for key, rs in tables.groups(results["records"]):
+        op = key[0]
+        parts += [f"### {tables.title(key, rs)}", ""]
+        img = doc_dir / "img" / f"bench_{op}.png"
+        if img.exists():
+            parts += [f"![{op}](img/{img.name})", ""]
+        if op in notes:
+            parts += [f"Note: {notes[op]}.", ""]
+        parts += [tables.markdown_table(tables.rows(rs)), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def update_doc(doc: Path, body: str) -> None:
+    """Replace the text between the markers in `doc` (created with the methodology when missing)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else INTRO
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{doc}: needs one '{BEGIN}' line followed by one '{END}' line")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(f"{head}{BEGIN}\n{body}{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/report.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, help="a results JSON written by bench/run_all.py")
+    p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=f"default: {DEFAULT_DOC}")
+    args = p.parse_args(argv)
+    update_doc(args.doc, render(read_json(args.results), args.doc.parent))
+    print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
