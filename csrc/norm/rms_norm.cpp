@@ -73,9 +73,10 @@ void fwd_kernel(const RmsNormFwdArgs& a) {
       round_row<TX>(xr, D);  // HF rounding order: hidden.to(input_dtype) before the weight multiply
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) xr[j] *= wb[j];
-      store_row<TY>(xr, y + i * D, D);
+      stream_row<TY>(xr, y + i * D, D);
     }
   }
+  stream_fence();
 }
 
 template <typename TX, typename TW>
@@ -96,51 +97,74 @@ void bwd_kernel(const RmsNormBwdArgs& a) {
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M[]> xbuf(new M[D]), gbuf(new M[D]), tbuf(new M[D]);
-    M* xn = xbuf.get();
-    M* g = gbuf.get();
+    // fp32/fp64 rows are read in place; half rows are widened into xbuf/gbuf first.
+    std::unique_ptr<M[]> xbuf(new M[D]), gbuf(new M[D]), tbuf(new M[D]), obuf(new M[D]);
     M* t = tbuf.get();
+    M* o = obuf.get();
     M* dwp = want_dw ? dw_part.get() + size_t(omp_get_thread_num()) * D : nullptr;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.rows; ++i) {
-      load_row<TX>(x + i * D, xn, D);
-      load_row<TY>(dy + i * D, g, D);
+      const M* xr;
+      const M* g;
+      if constexpr (std::is_same_v<TX, M>) {
+        xr = x + i * D;
+      } else {
+        load_row<TX>(x + i * D, xbuf.get(), D);
+        xr = xbuf.get();
+      }
+      if constexpr (std::is_same_v<TY, M>) {
+        g = dy + i * D;
+      } else {
+        load_row<TY>(dy + i * D, gbuf.get(), D);
+        g = gbuf.get();
+      }
       M rstd;
       if (rstd_in) {
         rstd = rstd_in[i];
       } else {
         M ss = 0;
 #pragma omp simd reduction(+ : ss)
-        for (int64_t j = 0; j < D; ++j) ss += xn[j] * xn[j];
+        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
         rstd = M(1) / std::sqrt(ss / M(D) + M(a.eps));
       }
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) xn[j] *= rstd;
-      if (want_dw) {
-        // dw sees the rounded normalised row, exactly what the forward multiplied by w.
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) t[j] = xn[j];
-        round_row<TX>(t, D);
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) dwp[j] += g[j] * t[j];
-      }
+      // dot = sum(dy * w * xn); dw sees the rounded normalised row, exactly what the forward multiplied by w.
       M dot = 0;
+      if constexpr (std::is_same_v<TX, M>) {
+        if (want_dw) {
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < D; ++j) {
-        g[j] *= wb[j];
-        dot += g[j] * xn[j];
+          for (int64_t j = 0; j < D; ++j) {
+            const M xn = xr[j] * rstd;
+            dwp[j] += g[j] * xn;
+            dot += g[j] * wb[j] * xn;
+          }
+        } else {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < D; ++j) dot += g[j] * wb[j] * (xr[j] * rstd);
+        }
+      } else {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < D; ++j) {
+          t[j] = xr[j] * rstd;
+          dot += g[j] * wb[j] * t[j];
+        }
+        if (want_dw) {
+          round_row<TX>(t, D);
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) dwp[j] += g[j] * t[j];
+        }
       }
       const M c = dot / M(D);
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) g[j] = rstd * (g[j] - xn[j] * c);
+      for (int64_t j = 0; j < D; ++j) o[j] = rstd * (g[j] * wb[j] - xr[j] * rstd * c);
       if (ds) {
         load_row<TX>(ds + i * D, t, D);
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) g[j] += t[j];
+        for (int64_t j = 0; j < D; ++j) o[j] += t[j];
       }
-      store_row<TX>(g, dx + i * D, D);
+      stream_row<TX>(o, dx + i * D, D);
     }
   }
+  stream_fence();
 
   if (want_dw) {
     M* total = dw_part.get();  // partial row 0 collects the others
