@@ -77,6 +77,7 @@ void mrope_kernel(const MRopeArgs& a) {
         rotate_rows<T>(k + t * k_heads * D, ko + t * k_heads * D, k_heads, D, c, s, half, false, rbuf.get());
     }
   }
+  stream_fence();
 }
 
 }  // namespace

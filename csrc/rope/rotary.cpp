@@ -47,6 +47,7 @@ void rotary_kernel(const RotaryArgs& a) {
       rotate_rows<TX>(x + t * HD, y + t * HD, a.heads, a.dim, c, s, R, a.interleaved, rbuf.get());
     }
   }
+  stream_fence();
 }
 
 }  // namespace
