@@ -83,6 +83,11 @@ def tune_allocator(retain_bytes: int = 1 << 30) -> bool:
     return _applied["ok"]
 
 
+def is_tuned() -> bool:
+    """Whether tune_allocator() took effect in this process."""
+    return bool(_applied and _applied["ok"])
+
+
 def allocator_state() -> dict:
     """What governs CPU allocation in this process, for benchmark and bug reports."""
     glibc = _glibc_version()
