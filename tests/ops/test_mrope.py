@@ -98,6 +98,54 @@ def test_mrope_cos_sin_is_the_fp32_angle_to_within_one_ulp():
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=2 ** -23)
 
 
+def _tables_from_kernels(pos, inv, section):
+    """(cos, sin) of mrope_cos_sin, and the same tables read back from apply_mrope's forward and
+    inverse rotation of q = [1, 0] (out = [cos, sin], or [cos, -sin] inverted)."""
+    T, half = pos.shape[1], inv.shape[0]
+    cos, sin = mrope_cos_sin(pos, inv, section)
+    q = torch.cat((torch.ones(T, 1, half), torch.zeros(T, 1, half)), -1)
+    fwd, _ = torch.ops.mmfuse.apply_mrope(q, q, pos, inv, section, False)
+    inv_rot, _ = torch.ops.mmfuse.apply_mrope(q, q, pos, inv, section, True)
+    return [(cos, sin), (fwd[:, 0, :half], fwd[:, 0, half:]), (inv_rot[:, 0, :half], -inv_rot[:, 0, half:])]
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_cos_sin_sweep_is_within_half_ulp_of_exact_in_every_flavour(isa):
+    """The vectorised sincos (common/sincos.h) over every (position, frequency) of positions
+    0..70000 step 7 with Qwen's inv_freq: the exact cos/sin of the fp32 angle rounded to fp32,
+    i.e. within 2^-25 (half an ulp of 1), in the tables and in the fused kernel, both directions."""
+    D, section = 128, [16, 24, 24]
+    pos, inv = torch.arange(0, 70000, 7).expand(3, -1).contiguous(), _inv_freq(D)
+    angle64 = (pos[0].float()[:, None] * inv).double()
+    with use_isa(isa):
+        for cos, sin in _tables_from_kernels(pos, inv, section):
+            assert (cos.double() - angle64.cos()).abs().max().item() <= 2 ** -25 + 2 ** -50
+            assert (sin.double() - angle64.sin()).abs().max().item() <= 2 ** -25 + 2 ** -50
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_cos_sin_of_angles_beyond_2_21_fall_back_to_libm(isa):
+    """Angles above 2^21 (outside the polynomial's reduction range), inf and NaN take the scalar
+    libm path: fp32 libm accuracy (< 1 ulp) there, the polynomial's half ulp in the same rows."""
+    T, D, section = 257, 128, [16, 24, 24]
+    pos = torch.randint(0, 2 ** 23, (3, T))
+    inv = _inv_freq(D)
+    inv[[5, 40]] = float("inf")
+    inv[[6, 41]] = float("nan")
+    stream = reference.mrope_stream_of_frequency(D // 2, section)
+    angle32 = pos.float()[stream].T * inv
+    small, finite = angle32.abs() <= 2 ** 21, angle32.isfinite()
+    big = finite & ~small
+    assert big.any() and small.any() and not finite.all()
+    with use_isa(isa):
+        for cos, sin in _tables_from_kernels(pos, inv, section):
+            for got, want in ((cos, angle32.double().cos()), (sin, angle32.double().sin())):
+                err = (got.double() - want).abs()
+                assert err[small].max().item() <= 2 ** -25 + 2 ** -50
+                assert err[big].max().item() <= 2 ** -24
+                assert got[~finite].isnan().all()
+
+
 def test_batched_positions_3bs_are_flattened():
     B, S, D, section = 2, 11, 64, [8, 12, 12]
     pos = torch.stack([_positions(S) for _ in range(B)], dim=1)      # [3, B, S] as HF's get_rope_index
