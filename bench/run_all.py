@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "affected by the tuned one (default: default)")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: bench/results/cpu-<date>-<commit>.json, with -quick for --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default: 2, quick 1)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default: 10, quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default: 3, quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default: 30, quick 5)")
     p.add_argument("--max-time", type=float, default=None, metavar="S",
                    help="stop a measurement after S seconds of timed calls once 3 reps are done "
                         "(default: 3, quick 0.5)")
@@ -112,9 +112,9 @@ def default_out(quick: bool) -> Path:
 
 def timing_for(args) -> harness.Timing:
     q = args.quick
-    return harness.Timing(warmup=args.warmup if args.warmup is not None else (1 if q else 2),
-                          reps=args.reps if args.reps is not None else (5 if q else 10),
-                          max_time_s=args.max_time if args.max_time is not None else (0.5 if q else 3.0))
+    return harness.Timing(warmup=args.warmup if args.warmup is not None else (1 if q else 3),
+                          reps=args.reps if args.reps is not None else (5 if q else 30),
+                          max_time_s=args.max_time if args.max_time is not None else (0.5 if q else 6.0))
 
 
 def settings_of(args) -> dict:
