@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default: 30, quick 5)")
     p.add_argument("--max-time", type=float, default=None, metavar="S",
                    help="stop a measurement after S seconds of timed calls once 3 reps are done "
-                        "(default: 3, quick 0.5)")
+                        "(default: 6, quick 0.5)")
     p.add_argument("--no-tables", action="store_true", help="only the progress lines, targets and the file")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the parent's command, for children
     return p

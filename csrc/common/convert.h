@@ -99,8 +99,20 @@ template <> inline float load<bf16_t>(const bf16_t& v) { return bf16_to_f32(v.bi
 template <> inline float load<f16_t>(const f16_t& v) { return f16_to_f32(v.bits); }
 
 template <typename T> inline T store(math_t<T> v) { return static_cast<T>(v); }
-template <> inline bf16_t store<bf16_t>(float v) { return bf16_t{f32_to_bf16(v)}; }
+template <> inline bf16_t store<bf16_t>(float v) {
+  // Branch-free twin of f32_to_bf16, so that loops calling it vectorise.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return bf16_t{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
 template <> inline f16_t store<f16_t>(float v) { return f16_t{f32_to_f16(v)}; }
+
+// Whether element-wise loops over T written with load/store/round_to vectorise. f16's scalar
+// converters do not (they are per-element F16C instructions); such rows go through load_row /
+// store_row, which use the vector converters.
+template <typename T> inline constexpr bool kElementwiseVectorises = !std::is_same_v<T, f16_t>;
 
 // Round a math value to T's precision and back (identity for float/double).
 template <typename T> inline math_t<T> round_to(math_t<T> v) { return load<T>(store<T>(v)); }
@@ -198,6 +210,13 @@ inline void stream_fence() {
 #if defined(__AVX512F__) || defined(__AVX2__)
   _mm_sfence();
 #endif
+}
+
+// Ask for the next row while this one is computed: rows are often one 4 KiB page (2048 bf16),
+// and the hardware prefetchers do not cross page boundaries, so each row would otherwise start cold.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 // Round a row in place to T's precision (identity for float/double).

@@ -54,26 +54,70 @@ void fwd_kernel(const RmsNormFwdArgs& a) {
     M* xr = xbuf.get();
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.rows; ++i) {
-      load_row<TX>(x + i * D, xr, D);
-      if (r) {
-        M* rr = rbuf.get();
-        load_row<TX>(r + i * D, rr, D);
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) xr[j] += rr[j];
-        round_row<TX>(xr, D);  // the sum is stored in x's dtype and normalised as stored
-        store_row<TX>(xr, s + i * D, D);
+      if (i + 1 < a.rows) {
+        prefetch_row(x + (i + 1) * D, D * int64_t(sizeof(TX)));
+        if (r) prefetch_row(r + (i + 1) * D, D * int64_t(sizeof(TX)));
       }
+      const TX* xi = x + i * D;
       M ss = 0;
+      if constexpr (kElementwiseVectorises<TX>) {
+        // Two passes over the row: widen (+ add the residual, rounded as stored) and sum squares; then
+        // normalise, round, weight and store. bf16 at 8192x2048, 2 threads: 7.6 -> 3.9 ms (was five passes).
+        if (r) {
+          const TX* ri = r + i * D;
+          TX* si = s + i * D;
+          if constexpr (std::is_same_v<TX, M>) {
 #pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+            for (int64_t j = 0; j < D; ++j) {
+              const M v = xi[j] + ri[j];
+              xr[j] = v;
+              ss += v * v;
+            }
+            stream_row<TX>(xr, si, D);  // 11.6 -> 9.6 ms at 8192x2048 fp32 against plain stores
+          } else {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t j = 0; j < D; ++j) {
+              const M v = round_to<TX>(load<TX>(xi[j]) + load<TX>(ri[j]));
+              si[j] = store<TX>(v);
+              xr[j] = v;
+              ss += v * v;
+            }
+          }
+        } else {
+#pragma omp simd reduction(+ : ss)
+          for (int64_t j = 0; j < D; ++j) {
+            const M v = load<TX>(xi[j]);
+            xr[j] = v;
+            ss += v * v;
+          }
+        }
+      } else {
+        load_row<TX>(xi, xr, D);
+        if (r) {
+          M* rr = rbuf.get();
+          load_row<TX>(r + i * D, rr, D);
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) xr[j] += rr[j];
+          round_row<TX>(xr, D);  // the sum is stored in x's dtype and normalised as stored
+          store_row<TX>(xr, s + i * D, D);
+        }
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+      }
       const M rstd = M(1) / std::sqrt(ss / M(D) + M(a.eps));
       if (rstd_out) rstd_out[i] = rstd;
+      if constexpr (kElementwiseVectorises<TX> && !std::is_same_v<TY, M>) {
+        TY* yi = y + i * D;
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) xr[j] *= rstd;
-      round_row<TX>(xr, D);  // HF rounding order: hidden.to(input_dtype) before the weight multiply
+        for (int64_t j = 0; j < D; ++j) yi[j] = store<TY>(wb[j] * round_to<TX>(xr[j] * rstd));
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) xr[j] *= wb[j];
-      stream_row<TY>(xr, y + i * D, D);
+        for (int64_t j = 0; j < D; ++j) xr[j] *= rstd;
+        round_row<TX>(xr, D);  // HF rounding order: hidden.to(input_dtype) before the weight multiply
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) xr[j] *= wb[j];
+        stream_row<TY>(xr, y + i * D, D);
+      }
     }
   }
   stream_fence();
@@ -104,37 +148,53 @@ void bwd_kernel(const RmsNormBwdArgs& a) {
     M* dwp = want_dw ? dw_part.get() + size_t(omp_get_thread_num()) * D : nullptr;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.rows; ++i) {
+      if constexpr (!std::is_same_v<TX, M>)
+        if (i + 1 < a.rows) prefetch_row(x + (i + 1) * D, D * int64_t(sizeof(TX)));
       const M* xr;
       const M* g;
-      if constexpr (std::is_same_v<TX, M>) {
-        xr = x + i * D;
-      } else {
-        load_row<TX>(x + i * D, xbuf.get(), D);
-        xr = xbuf.get();
-      }
-      if constexpr (std::is_same_v<TY, M>) {
-        g = dy + i * D;
-      } else {
-        load_row<TY>(dy + i * D, gbuf.get(), D);
-        g = gbuf.get();
-      }
-      M rstd;
-      if (rstd_in) {
-        rstd = rstd_in[i];
-      } else {
-        M ss = 0;
+      M ss = 0;
+      if constexpr (kElementwiseVectorises<TX> && kElementwiseVectorises<TY> && !std::is_same_v<TX, M>) {
+        // Half rows: widen x and dy and sum squares in one pass (bf16 8192x2048, 2 threads: 10.4 -> 8.2 ms with the fused dw pass).
+        M* xw = xbuf.get();
+        M* gw = gbuf.get();
+        const TX* xi = x + i * D;
+        const TY* gi = dy + i * D;
 #pragma omp simd reduction(+ : ss)
-        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
-        rstd = M(1) / std::sqrt(ss / M(D) + M(a.eps));
+        for (int64_t j = 0; j < D; ++j) {
+          const M v = load<TX>(xi[j]);
+          xw[j] = v;
+          gw[j] = load<TY>(gi[j]);
+          ss += v * v;
+        }
+        xr = xw;
+        g = gw;
+      } else {
+        if constexpr (std::is_same_v<TX, M>) {
+          xr = x + i * D;
+        } else {
+          load_row<TX>(x + i * D, xbuf.get(), D);
+          xr = xbuf.get();
+        }
+        if constexpr (std::is_same_v<TY, M>) {
+          g = dy + i * D;
+        } else {
+          load_row<TY>(dy + i * D, gbuf.get(), D);
+          g = gbuf.get();
+        }
+        if (!rstd_in) {
+#pragma omp simd reduction(+ : ss)
+          for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+        }
       }
+      const M rstd = rstd_in ? rstd_in[i] : M(1) / std::sqrt(ss / M(D) + M(a.eps));
       // dot = sum(dy * w * xn); dw sees the rounded normalised row, exactly what the forward multiplied by w.
       M dot = 0;
-      if constexpr (std::is_same_v<TX, M>) {
+      if constexpr (kElementwiseVectorises<TX>) {
         if (want_dw) {
 #pragma omp simd reduction(+ : dot)
           for (int64_t j = 0; j < D; ++j) {
             const M xn = xr[j] * rstd;
-            dwp[j] += g[j] * xn;
+            dwp[j] += g[j] * round_to<TX>(xn);
             dot += g[j] * wb[j] * xn;
           }
         } else {
@@ -154,6 +214,20 @@ void bwd_kernel(const RmsNormBwdArgs& a) {
         }
       }
       const M c = dot / M(D);
+      if constexpr (kElementwiseVectorises<TX> && !std::is_same_v<TX, M>) {
+        // Half rows: one pass straight to the output dtype (no buffer, no separate store pass).
+        TX* dxi = dx + i * D;
+        if (ds) {
+          const TX* dsi = ds + i * D;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j)
+            dxi[j] = store<TX>(rstd * (g[j] * wb[j] - xr[j] * rstd * c) + load<TX>(dsi[j]));
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) dxi[j] = store<TX>(rstd * (g[j] * wb[j] - xr[j] * rstd * c));
+        }
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) o[j] = rstd * (g[j] * wb[j] - xr[j] * rstd * c);
       if (ds) {
