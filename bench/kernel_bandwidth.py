@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     nt = torch.get_num_threads()
     env = common.environment()
     records = []
-    print(f"kernel-only bandwidth, {nt} threads, ISA {C.active_isa()}, commit {env.get('commit')}")
+    print(f"kernel-only bandwidth, {nt} threads, ISA {C.active_isa()}, commit {env.get('git_commit')}")
     print(f"{'kernel':<18} {'dtype':<6} {'shape':<18} {'ms p50':>8} {'GB/s':>7} {'copy GB/s':>10} {'% copy':>7}")
     for dtype in (torch.float32, torch.bfloat16):
         for name, shape, nbytes, fn in kernels(dtype, nt):
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             records.append(rec)
             print(f"{name:<18} {rec['dtype'][:6]:<6} {shape:<18} {t['p50_ms']:8.2f} {gbps:7.1f} {copy:10.1f} "
                   f"{100 * gbps / copy:6.0f}%")
-    out = args.out or common.REPO_ROOT / "bench" / "results" / f"kernels-{env['date'][:10]}-{env.get('commit')}.json"
+    out = args.out or common.REPO_ROOT / "bench" / "results" / f"kernels-{env['date_utc'][:10]}-{env.get('git_commit')}.json"
     common.write_json(out, {"schema": "mmfuse-kernel-bandwidth/1", "environment": env,
                             "command": "python bench/kernel_bandwidth.py", "records": records})
     print(f"wrote {out}")

@@ -114,7 +114,18 @@ def _env_lines(results: dict) -> list[str]:
     return lines
 
 
-def render(results: dict, doc_dir: Path) -> str:
+def _label(results: dict) -> str:
+    """A heading for one results file: what its environment changes about allocation."""
+    envs = results.get("environments") or [results.get("environment", {})]
+    env_vars = {}
+    for env in envs:
+        env_vars.update((env.get("allocator") or {}).get("env") or {})
+    if env_vars:
+        return "environment " + ", ".join(f"{k}={v}" for k, v in env_vars.items())
+    return "default environment"
+
+
+def render(results: dict, doc_dir: Path, images: bool = True) -> str:
     s = results.get("settings", {})
     parts = [f"Command: `{results.get('command')}`", ""]
     if s.get("quick"):
@@ -128,7 +139,7 @@ def render(results: dict, doc_dir: Path) -> str:
         op = key[0]
         parts += [f"### {tables.title(key, rs)}", ""]
         img = doc_dir / "img" / f"bench_{op}.png"
-        if img.exists():
+        if images and img.exists():
             parts += [f"![{op}](img/{img.name})", ""]
         if op in notes:
             parts += [f"Note: {notes[op]}.", ""]
@@ -150,10 +161,21 @@ def update_doc(doc: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/report.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", type=Path, help="a results JSON written by bench/run_all.py")
+    p.add_argument("results", type=Path, nargs="+",
+                   help="results JSON(s) written by bench/run_all.py; several (e.g. one per allocation "
+                        "environment) become one section each, the plots (docs/img/) belong to the first")
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=f"default: {DEFAULT_DOC}")
     args = p.parse_args(argv)
-    update_doc(args.doc, render(read_json(args.results), args.doc.parent))
+    if len(args.results) == 1:
+        body = render(read_json(args.results[0]), args.doc.parent)
+    else:
+        sections = []
+        for i, path in enumerate(args.results):
+            results = read_json(path)
+            body_i = render(results, args.doc.parent, images=(i == 0)).replace("\n### ", "\n#### ")
+            sections.append(f"### Run {i + 1}: {_label(results)}\n\n{body_i}")
+        body = "\n".join(sections)
+    update_doc(args.doc, body)
     print(f"wrote {args.doc}")
     return 0
 
