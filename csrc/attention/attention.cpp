@@ -81,7 +81,7 @@ inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, co
     const vecf b0 = vload(B + kk * ldb), b1 = vload(B + kk * ldb + kVW);
     const float* a = A + kk * aks;
     for (int r = 0; r < R; ++r) {
-      const vecf ar = vecf{} + a[r * ars];
+      const float ar = a[r * ars];  // scalar * vector: one broadcast ({1to16} operand with AVX-512)
       c0[r] += ar * b0;
       c1[r] += ar * b1;
     }
