@@ -3,6 +3,7 @@
 // To add a kernel: add one line here and define it in the op's .cpp inside MMFUSE_ISA_NS.
 #pragma once
 #include "mmfuse/activation.h"
+#include "mmfuse/attention.h"
 #include "mmfuse/norm.h"
 #include "mmfuse/rope.h"
 
@@ -13,4 +14,6 @@
   X(mrope, MRopeArgs)                   \
   X(mrope_cos_sin, MRopeCosSinArgs)     \
   X(swiglu_fwd, SwigluFwdArgs)          \
-  X(swiglu_bwd, SwigluBwdArgs)
+  X(swiglu_bwd, SwigluBwdArgs)         \
+  X(attention_fwd, AttentionFwdArgs)   \
+  X(attention_bwd, AttentionBwdArgs)

@@ -140,3 +140,104 @@ def swiglu_packed_backward(dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The gradient of swiglu_packed: [dgate | dup] in x's layout."""
     gate, up = x.chunk(2, dim=-1)
     return torch.cat(swiglu_backward(dout, gate, up), dim=-1)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def attention_visible(lq: int, lk: int, causal: bool, window: tuple[int, int] | None,
+                      device=None) -> torch.Tensor:
+    """[lq, lk] bool: key j is visible to query i. Bottom-right aligned (flash-attn >= 2.1):
+    with off = lk - lq, j >= i + off - left (left >= 0) and j <= i + off + right (right >= 0);
+    causal sets right = 0."""
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    off = lk - lq
+    vis = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= i + off - left
+    if right >= 0:
+        vis &= j <= i + off + right
+    return vis
+
+
+def _attention_segments(cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, tq: int, tk: int):
+    if cu_q is None:
+        return [(0, tq, 0, tk)]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None = None,
+              cu_seqlens_k: torch.Tensor | None = None, causal: bool = False, softmax_scale: float | None = None,
+              window: tuple[int, int] | None = None):
+    """(out [T, Hq, D], lse [Hq, T]) of packed-sequence attention: an explicit masked softmax per
+    sequence in fp32 math (fp64 for fp64); GQA by repeating each kv head over its Hq/Hk query heads.
+    A query that sees no key gets out = 0 and lse = -inf. Differentiable (ordinary autograd)."""
+    md = _math_dtype(q)
+    tq, hq, d = q.shape
+    tk, hk, _ = k.shape
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    qm, km, vm = q.to(md), k.repeat_interleave(hq // hk, dim=1).to(md), v.repeat_interleave(hq // hk, dim=1).to(md)
+    outs, lses = [], []
+    for q0, q1, k0, k1 in _attention_segments(cu_seqlens_q, cu_seqlens_k, tq, tk):
+        vis = attention_visible(q1 - q0, k1 - k0, causal, window, q.device)
+        s = torch.einsum("ihd,jhd->hij", qm[q0:q1], km[k0:k1]) * scale
+        s = s.masked_fill(~vis, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)                                        # [H, lq]
+        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # 0 where masked
+        outs.append(torch.einsum("hij,jhd->ihd", p, vm[k0:k1]))
+        lses.append(lse)
+    out = torch.cat(outs, dim=0) if outs else qm.new_zeros(0, hq, d)
+    lse = torch.cat(lses, dim=1) if lses else qm.new_zeros(hq, 0)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                       causal: bool = False, softmax_scale: float | None = None,
+                       window: tuple[int, int] | None = None):
+    """Closed-form (dq, dk, dv) of attention, as the C++ kernel computes them: P = exp(S - lse),
+    Dv = rowsum(dO * O) - dlse, dS = P * (dO V^T - Dv), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO
+    (dk, dv summed over the query heads of each kv head)."""
+    md = _math_dtype(q)
+    tq, hq, d = q.shape
+    tk, hk, _ = k.shape
+    g = hq // hk
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    qm, km, vm = q.to(md), k.repeat_interleave(g, dim=1).to(md), v.repeat_interleave(g, dim=1).to(md)
+    do, om = dout.to(md), out.to(md)
+    dv_row = (do * om).sum(-1).t()                                              # [H, T]
+    if dlse is not None:
+        dv_row = dv_row - dlse.to(md)
+    dq, dk, dv = torch.zeros_like(qm), torch.zeros_like(km), torch.zeros_like(vm)
+    for q0, q1, k0, k1 in _attention_segments(cu_seqlens_q, cu_seqlens_k, tq, tk):
+        vis = attention_visible(q1 - q0, k1 - k0, causal, window, q.device)
+        s = torch.einsum("ihd,jhd->hij", qm[q0:q1], km[k0:k1]) * scale
+        l = lse[:, q0:q1].to(md)
+        p = torch.exp(s - l.masked_fill(l == float("-inf"), 0)[..., None]).masked_fill(~vis, 0)
+        dv[k0:k1] = torch.einsum("hij,ihd->jhd", p, do[q0:q1])
+        dp = torch.einsum("ihd,jhd->hij", do[q0:q1], vm[k0:k1])
+        ds = p * (dp - dv_row[:, q0:q1, None])
+        dq[q0:q1] = torch.einsum("hij,jhd->ihd", ds, km[k0:k1]) * scale
+        dk[k0:k1] = torch.einsum("hij,ihd->jhd", ds, qm[q0:q1]) * scale
+    dk = dk.view(tk, hk, g, d).sum(2)
+    dv = dv.view(tk, hk, g, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Exact combination of two partial attentions over disjoint key sets (out [T, H, D], lse [H, T]):
+    lse = logaddexp(lse_a, lse_b), out = out_a e^(lse_a - lse) + out_b e^(lse_b - lse); a side with
+    lse = -inf contributes nothing, and both -inf give out = 0, lse = -inf."""
+    md = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    la, lb = lse_a.to(md), lse_b.to(md)
+    lse = torch.logaddexp(la, lb)
+    safe = lse.masked_fill(lse == float("-inf"), 0)
+    wa = torch.exp(la - safe).t()[..., None]
+    wb = torch.exp(lb - safe).t()[..., None]
+    out = out_a.to(md) * wa + out_b.to(md) * wb
+    return out.to(out_a.dtype), lse

@@ -1,0 +1,471 @@
+// Flash-style attention, forward and backward (compiled once per ISA flavour).
+//
+// Forward (FlashAttention-2): one work item per (sequence, query head, query tile of kBQ rows).
+// The query tile is loaded once in fp32 (pre-multiplied by the softmax scale); the key/value
+// tiles of kBK rows that the mask leaves visible are streamed through it with an online
+// softmax: S = Q K^T, running row max m and sum l, O = O * e^(m_old - m_new) + P V. Tiles that the
+// mask hides completely (causal, window, other sequences) are never visited; only tiles crossing
+// a mask edge are masked element by element. out = O / l and lse = m + log(l) are written once.
+//
+// Backward recomputes P = exp(S - lse) tile by tile; with Dv_i = rowsum(dO * O)_i - dlse_i:
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Dv),  dQ = scale dS K,  dK = scale dS^T Q.
+// Race-free in two passes, each writing disjoint rows:
+//   1. one work item per (sequence, kv head, key tile) accumulates dK and dV over the query tiles of
+//      every query head in its GQA group (no atomics, no shared partial buffers);
+//   2. one work item per (sequence, query head, query tile) accumulates dQ over its key tiles.
+// Pass 2 recomputes S and dP (backward = 7 instead of 5 GEMM-sized products, so 1.4x the minimal
+// FLOPs) and in exchange keeps per-thread memory to a few tiles and needs no reduction.
+//
+// Products go through one register-blocked micro-kernel (gemm_tile): kMR rows x kNR columns of C
+// live in vector registers over the whole inner dimension. The column operand is packed so that
+// kNR consecutive floats are contiguous: K^T and V^T tiles are packed once per visit, head dims
+// are padded to a multiple of kNR with zeros. Per-thread scratch: ~6 tiles of 64 x D floats.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "common/convert.h"
+#include "common/dtype_switch.h"
+#include "common/exp.h"
+#include "common/parallel.h"
+#include "mmfuse/attention.h"
+
+namespace mmfuse {
+namespace MMFUSE_ISA_NS {
+namespace {
+
+constexpr int64_t kBQ = 64;  // query rows per tile
+constexpr int64_t kBK = 64;  // key rows per tile (a multiple of kNR)
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16;
+#elif defined(__AVX2__)
+constexpr int kVW = 8;
+#else
+constexpr int kVW = 4;  // SSE2 / NEON
+#endif
+constexpr int kNR = 2 * kVW;  // columns of C per micro-kernel call: two vectors
+constexpr int kMR = 6;        // rows of C per micro-kernel call: 12 accumulators + 2 B vectors + 1 broadcast
+
+typedef float vecf __attribute__((vector_size(kVW * sizeof(float))));
+
+inline vecf vload(const float* p) {
+  vecf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vecf v) { std::memcpy(p, &v, sizeof v); }
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[R x kNR] (+)= A[R x K] B[K x kNR]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
+// read transposed), B rows are ldb apart, C rows ldc apart.
+template <int R>
+inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
+                         float* C, int64_t ldc, bool accumulate) {
+  vecf c0[R], c1[R];
+  for (int r = 0; r < R; ++r) {
+    if (accumulate) {
+      c0[r] = vload(C + r * ldc);
+      c1[r] = vload(C + r * ldc + kVW);
+    } else {
+      c0[r] = vecf{};
+      c1[r] = vecf{};
+    }
+  }
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const vecf b0 = vload(B + kk * ldb), b1 = vload(B + kk * ldb + kVW);
+    const float* a = A + kk * aks;
+    for (int r = 0; r < R; ++r) {
+      const float ar = a[r * ars];  // scalar * vector: one broadcast ({1to16} operand with AVX-512)
+      c0[r] += ar * b0;
+      c1[r] += ar * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vstore(C + r * ldc, c0[r]);
+    vstore(C + r * ldc + kVW, c1[r]);
+  }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kNR (callers pad B and C with zeros).
+template <typename M_>
+void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_t aks, const M_* B, int64_t ldb,
+               M_* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<M_, float>) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+      int64_t m = 0;
+      for (; m + kMR <= M; m += kMR)
+        micro_kernel<kMR>(K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
+      const float* a = A + m * ars;
+      float* c = C + m * ldc + n0;
+      switch (M - m) {
+        case 1: micro_kernel<1>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
+        case 2: micro_kernel<2>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
+        case 3: micro_kernel<3>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
+        case 4: micro_kernel<4>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
+        case 5: micro_kernel<5>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
+        default: break;
+      }
+    }
+  } else {  // fp64 (gradcheck only): plain loops
+    for (int64_t m = 0; m < M; ++m) {
+      M_* c = C + m * ldc;
+      if (!accumulate)
+        for (int64_t n = 0; n < N; ++n) c[n] = 0;
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const M_ a = A[m * ars + kk * aks];
+        const M_* b = B + kk * ldb;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      }
+    }
+  }
+}
+
+// e^x for x <= ~0, and exactly 0 below -87 (so no subnormal ever enters a product; e^-87 = 1.6e-38
+// is below fp32 resolution of any row sum that also holds the row's maximum term e^0 = 1).
+inline float exp_or_zero(float x) {
+  constexpr uint32_t kClamp = 0xC2AE0000u;  // bits of -87.0f; larger bits = more negative (or NaN)
+  const uint32_t u = float_to_bits(x);
+  const bool under = u > kClamp && (u >> 31);
+  const float e = exp_nonpositive(bits_to_float(under ? kClamp : u));
+  return bits_to_float(under ? 0u : float_to_bits(e));
+}
+inline double exp_or_zero(double x) { return std::exp(x); }
+
+// The visible key range of query row i of one sequence: [lo(i), hi(i)], both non-decreasing in i.
+struct SeqMask {
+  int64_t lq, lk, off, left, right;
+  SeqMask(int64_t lq_, int64_t lk_, const AttentionShape& a)
+      : lq(lq_), lk(lk_), off(lk_ - lq_), left(a.window_left), right(a.causal ? 0 : a.window_right) {}
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + off - left); }
+  int64_t hi(int64_t i) const { return right < 0 ? lk - 1 : std::min<int64_t>(lk - 1, i + off + right); }
+  // Rows [i0, i1) see every key of [j0, j1).
+  bool full(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const { return lo(i1 - 1) <= j0 && hi(i0) >= j1 - 1; }
+  // Query rows that see some key of [j0, j1): [first, last).
+  int64_t first_row(int64_t j0) const {
+    return right < 0 ? 0 : std::max<int64_t>(0, j0 - off - right);
+  }
+  int64_t last_row(int64_t j1) const {
+    return left < 0 ? lq : std::min<int64_t>(lq, j1 - 1 - off + left + 1);
+  }
+};
+
+// Work items over (sequence, tile): tile t of the flattened list covers rows [row0, row0 + n) of
+// sequence seq. Built once per call; O(total tiles) memory.
+struct TileList {
+  std::unique_ptr<int64_t[]> seq, row0;
+  int64_t count = 0;
+  TileList(const int32_t* cu, int64_t batch, int64_t tile) {
+    for (int64_t b = 0; b < batch; ++b) count += (cu[b + 1] - cu[b] + tile - 1) / tile;
+    seq.reset(new int64_t[count > 0 ? count : 1]);
+    row0.reset(new int64_t[count > 0 ? count : 1]);
+    int64_t t = 0;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t r = 0; r < cu[b + 1] - cu[b]; r += tile) {
+        seq[t] = b;
+        row0[t] = r;
+        ++t;
+      }
+  }
+};
+
+// Load rows [r0, r0 + n) of head h of a [T, H, D] tensor into dst [n x ld] in the math type
+// (times `mul`); columns D .. ld stay as they are (zero from allocation).
+template <typename T, typename M_>
+void load_rows(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst, int64_t ld, M_ mul) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* s = src + ((r0 + r) * H + h) * D;
+    M_* d = dst + r * ld;
+    load_row<T>(s, d, D);
+    if (mul != M_(1)) {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) d[c] *= mul;
+    }
+  }
+}
+
+// Transposed: dst[c * ld + r] = src row r, column c, for r < n (columns n .. ld keep zeros or stale
+// values of earlier tiles; the callers never read them).
+template <typename T, typename M_>
+void load_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst, int64_t ld,
+                          M_* row_buf) {
+  for (int64_t r = 0; r < n; ++r) {
+    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
+    for (int64_t c = 0; c < D; ++c) dst[c * ld + r] = row_buf[c];
+  }
+}
+
+template <typename T, typename M_>
+void store_rows(const M_* src, int64_t ld, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, T* dst, M_ mul) {
+  for (int64_t r = 0; r < n; ++r) {
+    const M_* s = src + r * ld;
+    T* d = dst + ((r0 + r) * H + h) * D;
+    if constexpr (kElementwiseVectorises<T>) {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) d[c] = store<T>(s[c] * mul);
+    } else {
+      for (int64_t c = 0; c < D; ++c) d[c] = store<T>(s[c] * mul);
+    }
+  }
+}
+
+// P = exp(S - lse) over one tile (rows [i0, i0 + ni), keys [j0, j0 + nk) of the sequence), masked.
+template <typename M_>
+void probabilities(M_* S, int64_t ld, const M_* lse, int64_t ni, int64_t nk, int64_t i0, int64_t j0,
+                   const SeqMask& mask, bool full) {
+  for (int64_t r = 0; r < ni; ++r) {
+    M_* s = S + r * ld;
+    const M_ l = lse[r];
+    if (l == -std::numeric_limits<M_>::infinity()) {  // the row sees no key at all
+      for (int64_t c = 0; c < nk; ++c) s[c] = 0;
+      continue;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < nk; ++c) s[c] = exp_or_zero(s[c] - l);
+    if (!full) {
+      const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
+      for (int64_t c = 0; c < nk; ++c)
+        if (c < lo || c > hi) s[c] = 0;
+    }
+  }
+}
+
+template <typename T>
+void fwd_kernel(const AttentionFwdArgs& a) {
+  using M_ = math_t<T>;
+  const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk;
+  const int64_t Dp = round_up(D, kNR);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  T* out = static_cast<T*>(a.out);
+  M_* lse_out = static_cast<M_*>(a.lse);
+  const M_ scale = static_cast<M_>(a.scale);
+  const M_ ninf = -std::numeric_limits<M_>::infinity();
+  const TileList tiles(a.cu_seqlens_q, a.batch, kBQ);
+  const int64_t items = tiles.count * Hq;
+  const int nt = resolve_threads(a.num_threads, items, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
+
+#pragma omp parallel num_threads(nt)
+  {
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()), Vb(new M_[kBK * Dp]()),
+        Sb(new M_[kBQ * kBK]()), Ob(new M_[kBQ * Dp]()), mb(new M_[kBQ]), lb(new M_[kBQ]), rowb(new M_[Dp]);
+    M_ *Q = Qb.get(), *Kt = Ktb.get(), *V = Vb.get(), *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t t = item / Hq, h = item % Hq, hk = h / group, b = tiles.seq[t];
+      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+      const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kBQ, mask.lq - i0);
+      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
+      for (int64_t r = 0; r < ni; ++r) {
+        m[r] = ninf;
+        l[r] = 0;
+      }
+      std::memset(O, 0, sizeof(M_) * ni * Dp);
+      const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
+      for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
+        const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+        const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
+        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
+        load_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, V, Dp, M_(1));
+        gemm_tile<M_>(ni, round_up(nk, kNR), D, Q, Dp, 1, Kt, kBK, S, kBK, false);
+        for (int64_t r = 0; r < ni; ++r) {
+          M_* s = S + r * kBK;
+          if (!full) {
+            const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
+            for (int64_t c = 0; c < nk; ++c)
+              if (c < lo || c > hi) s[c] = ninf;
+          }
+          M_ mx = ninf;
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < nk; ++c) mx = s[c] > mx ? s[c] : mx;
+          const M_ m_new = mx > m[r] ? mx : m[r];
+          if (m_new == ninf) {  // nothing visible yet: P row is zero
+            for (int64_t c = 0; c < nk; ++c) s[c] = 0;
+            continue;
+          }
+          M_ sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < nk; ++c) {
+            const M_ p = exp_or_zero(s[c] - m_new);
+            s[c] = p;
+            sum += p;
+          }
+          if (m[r] != m_new) {
+            const M_ alpha = std::exp(m[r] - m_new);  // 0 for the first visible tile
+            M_* o = O + r * Dp;
+#pragma omp simd
+            for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
+            l[r] = l[r] * alpha + sum;
+            m[r] = m_new;
+          } else {
+            l[r] += sum;
+          }
+        }
+        gemm_tile<M_>(ni, Dp, nk, S, kBK, 1, V, Dp, O, Dp, true);
+      }
+      for (int64_t r = 0; r < ni; ++r) {
+        M_* o = O + r * Dp;
+        const M_ inv = l[r] > 0 ? M_(1) / l[r] : M_(0);
+        if (l[r] > 0) {
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) o[c] *= inv;
+        } else {
+          for (int64_t c = 0; c < D; ++c) o[c] = 0;
+        }
+        lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
+      }
+      store_rows<T, M_>(O, Dp, q0 + i0, ni, Hq, h, D, out, M_(1));
+    }
+  }
+}
+
+template <typename T>
+void bwd_kernel(const AttentionBwdArgs& a) {
+  using M_ = math_t<T>;
+  const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk, Tq = a.total_q;
+  const int64_t Dp = round_up(D, kNR);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const T* out = static_cast<const T*>(a.out);
+  const T* dout = static_cast<const T*>(a.dout);
+  const M_* lse = static_cast<const M_*>(a.lse);
+  const M_* dlse = static_cast<const M_*>(a.dlse);
+  T* dq = static_cast<T*>(a.dq);
+  T* dk = static_cast<T*>(a.dk);
+  T* dv = static_cast<T*>(a.dv);
+  const M_ scale = static_cast<M_>(a.scale);
+  const int nt = resolve_threads(a.num_threads, Tq * Hq, Tq * Hq * D * int64_t(sizeof(T)) * 8);
+
+  // Dv [Hq, Tq] = rowsum(dO * O) - dlse: O(T H) memory.
+  std::unique_ptr<M_[]> Dv(new M_[Hq * Tq > 0 ? Hq * Tq : 1]);
+#pragma omp parallel num_threads(nt)
+  {
+    std::unique_ptr<M_[]> ob(new M_[D]), gb(new M_[D]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < Tq; ++t)
+      for (int64_t h = 0; h < Hq; ++h) {
+        load_row<T>(out + (t * Hq + h) * D, ob.get(), D);
+        load_row<T>(dout + (t * Hq + h) * D, gb.get(), D);
+        const M_ *o = ob.get(), *g = gb.get();
+        M_ s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < D; ++c) s += o[c] * g[c];
+        Dv[h * Tq + t] = dlse ? s - dlse[h * Tq + t] : s;
+      }
+  }
+
+  // Pass 1: dK, dV per (sequence, kv head, key tile).
+  const TileList ktiles(a.cu_seqlens_k, a.batch, kBK);
+  const int64_t kitems = ktiles.count * Hk;
+#pragma omp parallel num_threads(nt)
+  {
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()),
+        Vtb(new M_[Dp * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()),
+        dVb(new M_[kBK * Dp]()), rowb(new M_[Dp]);
+    M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(),
+       *dK = dKb.get(), *dV = dVb.get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < kitems; ++item) {
+      const int64_t t = item / Hk, hk = item % Hk, b = ktiles.seq[t];
+      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+      const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0), nkp = round_up(nk, kNR);
+      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
+      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
+      std::memset(dK, 0, sizeof(M_) * nk * Dp);
+      std::memset(dV, 0, sizeof(M_) * nk * Dp);
+      const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
+          const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
+          const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
+          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
+          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
+          const M_* lse_r = lse + h * Tq + q0 + i0;
+          const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
+          gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
+          probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
+          gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, Dp, dV, Dp, true);      // dV += P^T dO
+          gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);   // dP = dO V^T
+          for (int64_t r = 0; r < ni; ++r) {
+            M_* d = dP + r * kBK;
+            const M_* p = S + r * kBK;
+            const M_ dvr = dv_r[r];
+#pragma omp simd
+            for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
+          }
+          gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, Dp, dK, Dp, true);     // dK += dS^T (scale Q)
+        }
+      store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, M_(1));
+      store_rows<T, M_>(dV, Dp, k0 + j0, nk, Hk, hk, D, dv, M_(1));
+    }
+  }
+
+  // Pass 2: dQ per (sequence, query head, query tile).
+  const TileList qtiles(a.cu_seqlens_q, a.batch, kBQ);
+  const int64_t qitems = qtiles.count * Hq;
+#pragma omp parallel num_threads(nt)
+  {
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()),
+        Kb(new M_[kBK * Dp]()), Vtb(new M_[Dp * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+        dQb(new M_[kBQ * Dp]()), rowb(new M_[Dp]);
+    M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *K = Kb.get(), *Vt = Vtb.get(), *S = Sb.get(),
+       *dP = dPb.get(), *dQ = dQb.get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < qitems; ++item) {
+      const int64_t t = item / Hq, h = item % Hq, hk = h / group, b = qtiles.seq[t];
+      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+      const int64_t i0 = qtiles.row0[t], ni = std::min<int64_t>(kBQ, mask.lq - i0);
+      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
+      load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
+      std::memset(dQ, 0, sizeof(M_) * ni * Dp);
+      const M_* lse_r = lse + h * Tq + q0 + i0;
+      const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
+      const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
+      for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
+        const int64_t nk = std::min<int64_t>(kBK, kend - j0), nkp = round_up(nk, kNR);
+        const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
+        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
+        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, Dp, M_(1));
+        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
+        gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
+        probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
+        gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);
+        for (int64_t r = 0; r < ni; ++r) {
+          M_* d = dP + r * kBK;
+          const M_* p = S + r * kBK;
+          const M_ dvr = dv_r[r];
+#pragma omp simd
+          for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
+        }
+        gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, K, Dp, dQ, Dp, true);  // dQ += dS K
+      }
+      store_rows<T, M_>(dQ, Dp, q0 + i0, ni, Hq, h, D, dq, scale);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_fwd(const AttentionFwdArgs& a) {
+  if (a.total_q == 0 || a.heads_q == 0 || a.dim == 0) return;
+  dispatch_dtype(a.dtype, "attention_fwd", [&](auto tag) { fwd_kernel<decltype(tag)>(a); });
+}
+
+void attention_bwd(const AttentionBwdArgs& a) {
+  if ((a.total_q == 0 && a.total_k == 0) || a.heads_q == 0 || a.dim == 0) return;
+  dispatch_dtype(a.dtype, "attention_bwd", [&](auto tag) { bwd_kernel<decltype(tag)>(a); });
+}
+
+}  // namespace MMFUSE_ISA_NS
+}  // namespace mmfuse

@@ -1,0 +1,190 @@
+"""attention / attention_merge against the float64 reference (explicit masked softmax per sequence)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfuse.ops import attention, attention_merge, reference
+from tests.ops.numerics import assert_matches, supported_isas, use_isa
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _check(lengths_q, lengths_k, hq, hk, d, dtype=torch.float32, causal=False, window=None, scale=None,
+           lse_grad=False):
+    """Forward (out, lse) and dq/dk/dv of mmfuse vs the float64 reference and the eager dtype run."""
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(tq, hq, d, dtype=dtype)
+    k = torch.randn(tk, hk, d, dtype=dtype)
+    v = torch.randn(tk, hk, d, dtype=dtype)
+    packed = len(lengths_q) > 1 or lengths_q != lengths_k
+    cu_q, cu_k = (_cu(lengths_q), _cu(lengths_k)) if packed else (None, None)
+    kw = dict(causal=causal, softmax_scale=scale, window=window)
+
+    def run(fn, tensors):
+        ts = [t.detach().requires_grad_(True) for t in tensors]
+        out, lse = fn(*ts)
+        dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        dlse = torch.randn(lse.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(lse.dtype)
+        loss = (out * dout).sum() + ((torch.where(lse.isinf(), 0, lse) * dlse).sum() if lse_grad else 0)
+        return (out, lse) + torch.autograd.grad(loss, ts)
+
+    ours = run(lambda q, k, v: attention(q, k, v, cu_q, cu_k, return_lse=True, **kw), (q, k, v))
+    ref = run(lambda q, k, v: reference.attention(q, k, v, cu_q, cu_k, **kw), (q.double(), k.double(), v.double()))
+    eager = run(lambda q, k, v: reference.attention(q, k, v, cu_q, cu_k, **kw), (q, k, v))
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    assert ours[0].dtype == dtype and ours[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(ours[1].isinf(), ref[1].isinf()), "lse: -inf rows differ"
+    fin = ~ref[1].isinf()
+    assert_matches(ours[1][fin], ref[1][fin], eager[1][fin], grad=False, what="lse", low_precision=lowp)
+    for name, a, r, e, grad in zip(("out", "dq", "dk", "dv"), ours[:1] + ours[2:], ref[:1] + ref[2:],
+                                   eager[:1] + eager[2:], (False, True, True, True)):
+        if r.abs().max() == 0:  # e.g. dq of length-1 sequences: exactly 0 in fp64, rounding noise here
+            assert a.double().abs().max() < 1e-5, f"{name}: expected ~0"
+            continue
+        assert_matches(a, r, e, grad=grad, what=name, low_precision=lowp)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 64, 129])
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_single_sequence_matches_fp64_reference(length, d, causal):
+    _check([length], [length], 2, 1, d, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequence_1000(causal):
+    _check([1000], [1000], 2, 1, 64, causal=causal)
+
+
+@pytest.mark.parametrize("hq,hk", [(1, 1), (2, 1), (7, 7), (7, 1), (8, 2), (8, 8)])
+def test_gqa_packed_sequences(hq, hk):
+    _check([7, 64, 1, 129], [7, 64, 1, 129], hq, hk, 64, causal=True)
+
+
+@pytest.mark.parametrize("window", [(16, 0), (5, 3), (-1, 7), (70, -1), (0, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window(window, causal):
+    _check([129, 7, 64], [129, 7, 64], 2, 1, 80, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_query_and_key_lengths_align_bottom_right(causal):
+    # Lq > Lk leaves the first causal rows with no key: out 0, lse -inf; Lq < Lk: decode-like rows.
+    _check([7, 129, 1, 64], [20, 64, 5, 64], 2, 1, 64, causal=causal)
+    _check([30], [5], 2, 2, 64, causal=causal, window=(3, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_low_and_double_precision(dtype):
+    _check([7, 129, 64], [7, 129, 64], 4, 2, 128, dtype=dtype, causal=True)
+    _check([65], [65], 2, 1, 80, dtype=dtype)
+
+
+def test_lse_gradient_and_scale():
+    _check([7, 100], [7, 100], 4, 2, 64, causal=True, lse_grad=True, scale=0.3)
+
+
+@pytest.mark.parametrize("d", [1, 33, 96, 200, 256])
+def test_any_head_dim_up_to_256(d):
+    _check([37, 70], [37, 70], 2, 1, d, causal=True)
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_every_simd_flavour(isa):
+    with use_isa(isa):
+        _check([7, 129, 64], [7, 129, 64], 4, 2, 80, causal=True, window=(40, -1))
+        _check([70], [70], 2, 2, 64, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_equals_sdpa_on_dense_inputs(causal):
+    q, k, v = (torch.randn(1, 4, 200, 64) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)[0].transpose(0, 1)
+    got = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_two_key_halves_equals_attention_over_all_keys():
+    q, k, v = torch.randn(50, 4, 64), torch.randn(90, 2, 64), torch.randn(90, 2, 64)
+    whole, lse = attention(q, k, v, return_lse=True)
+    oa, la = attention(q, k[:40], v[:40], return_lse=True)
+    ob, lb = attention(q, k[40:], v[40:], return_lse=True)
+    merged, mlse = attention_merge(oa, la, ob, lb)
+    torch.testing.assert_close(merged, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mlse, lse, rtol=1e-5, atol=1e-5)
+    # A side that sees nothing (lse = -inf) is a no-op.
+    empty_o, empty_l = torch.zeros_like(whole), torch.full_like(lse, float("-inf"))
+    torch.testing.assert_close(attention_merge(whole, lse, empty_o, empty_l)[0], whole)
+
+
+def test_merge_gradients_flow_through_lse():
+    q = torch.randn(20, 2, 64, requires_grad=True)
+    k, v = torch.randn(30, 2, 64, requires_grad=True), torch.randn(30, 2, 64, requires_grad=True)
+    dout = torch.randn(20, 2, 64)
+    whole = attention(q, k, v)
+    g_whole = torch.autograd.grad(whole, (q, k, v), dout)
+    oa, la = attention(q, k[:13], v[:13], return_lse=True)
+    ob, lb = attention(q, k[13:], v[13:], return_lse=True)
+    g_merged = torch.autograd.grad(attention_merge(oa, la, ob, lb)[0], (q, k, v), dout)
+    for a, b in zip(g_merged, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_raise_before_any_work():
+    q, k = torch.randn(10, 4, 64), torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(TypeError, match="int32"):
+        attention(q, k, k, cu.long(), cu.long())
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention(q, k, k, torch.tensor([0, 6, 4, 10], dtype=torch.int32), torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at 10"):
+        attention(q, k, k, torch.tensor([0, 4, 9], dtype=torch.int32), cu)
+    with pytest.raises(ValueError, match="both"):
+        attention(q, k, k, cu, None)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q, torch.randn(10, 3, 64), torch.randn(10, 3, 64))
+    with pytest.raises(ValueError, match="head dim"):
+        attention(q, torch.randn(10, 2, 32), torch.randn(10, 2, 32))
+    with pytest.raises(ValueError, match="head dim must be"):
+        attention(torch.randn(4, 1, 300), torch.randn(4, 1, 300), torch.randn(4, 1, 300))
+    with pytest.raises(ValueError, match=">= -1"):
+        attention(q, k, k, window=(-2, 0))
+    with pytest.raises(ValueError, match="same shape"):
+        attention(q, k, torch.randn(9, 2, 64))
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(q, k.double(), k)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=6)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(70, 4, 128)
+    q = base[..., ::2]
+    k = torch.randn(2, 70, 64).transpose(0, 1)
+    v = torch.randn(70, 2, 64)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    want, _ = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(attention(q, k, v, causal=True).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(packed):
+    q, k, v = torch.randn(20, 4, 64), torch.randn(20, 2, 64), torch.randn(20, 2, 64)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32) if packed else None
+    torch.library.opcheck(torch.ops.mmfuse.attention.default, (q, k, v, cu, cu, -1, -1, True, 0.125, 5, -1))
+
+
+def test_torch_compile_smoke():
+    q, k, v = (torch.randn(33, 2, 64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 10, 33], dtype=torch.int32)
+
+    def loss(q, k, v):
+        return attention(q, k, v, cu, cu, causal=True).square().sum()
+
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
