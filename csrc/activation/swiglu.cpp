@@ -9,8 +9,8 @@
 //
 // Work is a flat range of (row, column-tile) pairs split evenly over the threads, so a few long
 // rows still keep every core busy. Each tile is converted into small fp32 buffers (fp32 inputs
-// are read in place) and the element loop is one `omp simd` loop: exp is the polynomial below,
-// because libm's expf is a call per element that GCC does not vectorise without -ffast-math.
+// are read in place) and the element loop is one `omp simd` loop: exp is the polynomial of
+// common/fast_exp.h (libm's expf is a call per element that GCC does not vectorise).
 // At 8192x5632 fp32 into existing buffers on the 2-core dev box: forward 25 ms, backward 39 ms,
 // i.e. ~22 GB/s moved against ~24 GB/s for a plain copy_ (memory bound, as intended).
 #include <cmath>
@@ -20,6 +20,7 @@
 
 #include "common/convert.h"
 #include "common/dtype_switch.h"
+#include "common/fast_exp.h"
 #include "common/parallel.h"
 #include "mmfuse/activation.h"
 
@@ -29,41 +30,6 @@ namespace {
 
 // Elements per tile: three to five fp32 tile buffers per thread stay within L1.
 constexpr int64_t kTile = 512;
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-// exp(x) for x in [-104, 0], branch-free so that it vectorises. Cephes expf: x = n ln2 + r with
-// |r| <= ln2 / 2 (ln2 split in two so n * C1 is exact), e^r by a degree-7 polynomial, then the
-// scale 2^n, applied as two factors 2^(n/2) so that results down to the smallest subnormal
-// (n >= -150) come out without an out-of-range exponent. Below -104 fp32 e^x rounds to 0.
-// Error <= 1.02 ulp against the float64 exp over every fp32 in [-104, 0] (exhaustive check with
-// GCC 12, generic/AVX2/AVX-512 flavours); the resulting sigmoid is within 2e-7 relative.
-inline float exp_nonpositive(float x) {
-  const float nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  float r = x - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(nf);  // in [-150, 0]
-  const int32_t n1 = n / 2, n2 = n - n1;       // each in [-75, 0]
-  return p * bits_to_float(static_cast<uint32_t>(n1 + 127) << 23) *
-         bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
-}
 
 // s = sigmoid(g) and 1 - s, both without cancellation: with e = exp(-|g|) <= 1,
 // sigmoid(|g|) = 1 / (1 + e) and sigmoid(-|g|) = e / (1 + e).

@@ -22,5 +22,6 @@ using release_gil = py::call_guard<py::gil_scoped_release>;
 void bind_norm(py::module_& m);
 void bind_rope(py::module_& m);
 void bind_activation(py::module_& m);
+void bind_loss(py::module_& m);
 
 }  // namespace mmfuse::bind

@@ -31,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_norm(m);
   bind::bind_rope(m);
   bind::bind_activation(m);
+  bind::bind_loss(m);
 }

@@ -3,6 +3,7 @@
 // To add a kernel: add one line here and define it in the op's .cpp inside MMFUSE_ISA_NS.
 #pragma once
 #include "mmfuse/activation.h"
+#include "mmfuse/loss.h"
 #include "mmfuse/norm.h"
 #include "mmfuse/rope.h"
 
@@ -13,4 +14,5 @@
   X(mrope, MRopeArgs)                   \
   X(mrope_cos_sin, MRopeCosSinArgs)     \
   X(swiglu_fwd, SwigluFwdArgs)          \
-  X(swiglu_bwd, SwigluBwdArgs)
+  X(swiglu_bwd, SwigluBwdArgs)          \
+  X(cross_entropy, CrossEntropyArgs)
