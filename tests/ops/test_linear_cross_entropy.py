@@ -116,10 +116,10 @@ def test_second_backward_through_the_same_forward_recomputes():
         torch.testing.assert_close(2 * a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_default_chunk_size_is_about_the_size_of_hidden():
-    assert default_chunk_size(4096, 2048, 151936) == 64      # ceil(4096 / 75) = 55 -> 64
-    assert default_chunk_size(1, 2048, 151936) == 1
-    assert default_chunk_size(100, 64, 7) == 128
+def test_default_chunk_size_is_about_the_size_of_hidden_with_a_floor():
+    assert default_chunk_size(4096, 2048, 151936) == 256     # ceil(4096 / 75) = 55 -> 64, floor 256
+    assert default_chunk_size(65536, 2048, 151936) == 1024   # ceil(65536 / 75) = 874 -> 1024
+    assert default_chunk_size(1000, 64, 7) == 1024
 
 
 def test_gradcheck_fp64():
