@@ -1,8 +1,8 @@
 """One module per op family, each exposing `OPS` (the op names it benchmarks) and
 `cases(op, quick, dtypes) -> list[harness.Case]`."""
 
-from bench.ops import bench_rms_norm, bench_rotary, bench_swiglu
+from bench.ops import bench_cross_entropy, bench_rms_norm, bench_rotary, bench_swiglu
 
-FAMILIES = (bench_rms_norm, bench_rotary, bench_swiglu)
+FAMILIES = (bench_rms_norm, bench_rotary, bench_swiglu, bench_cross_entropy)
 OP_MODULES = {op: module for module in FAMILIES for op in module.OPS}
 ALL_OPS = tuple(OP_MODULES)

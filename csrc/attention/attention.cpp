@@ -30,7 +30,7 @@
 
 #include "common/convert.h"
 #include "common/dtype_switch.h"
-#include "common/exp.h"
+#include "common/fast_exp.h"
 #include "common/parallel.h"
 #include "mmfuse/attention.h"
 

@@ -23,5 +23,6 @@ void bind_norm(py::module_& m);
 void bind_rope(py::module_& m);
 void bind_activation(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_loss(py::module_& m);
 
 }  // namespace mmfuse::bind

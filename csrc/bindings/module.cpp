@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   bind::bind_rope(m);
   bind::bind_activation(m);
   bind::bind_attention(m);
+  bind::bind_loss(m);
 }

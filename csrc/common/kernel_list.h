@@ -4,6 +4,7 @@
 #pragma once
 #include "mmfuse/activation.h"
 #include "mmfuse/attention.h"
+#include "mmfuse/loss.h"
 #include "mmfuse/norm.h"
 #include "mmfuse/rope.h"
 
@@ -14,6 +15,7 @@
   X(mrope, MRopeArgs)                   \
   X(mrope_cos_sin, MRopeCosSinArgs)     \
   X(swiglu_fwd, SwigluFwdArgs)          \
-  X(swiglu_bwd, SwigluBwdArgs)         \
-  X(attention_fwd, AttentionFwdArgs)   \
-  X(attention_bwd, AttentionBwdArgs)
+  X(swiglu_bwd, SwigluBwdArgs)          \
+  X(attention_fwd, AttentionFwdArgs)    \
+  X(attention_bwd, AttentionBwdArgs)    \
+  X(cross_entropy, CrossEntropyArgs)

@@ -21,7 +21,8 @@ from bench import common, harness, plot, report, tables, targets  # noqa: E402
 from bench.ops import ALL_OPS, OP_MODULES, bench_rms_norm, bench_rotary, bench_swiglu  # noqa: E402
 
 TINY = {"rms_norm": (16, 32), "add_rms_norm": (16, 32), "rotary": (64, 2, 1, 16), "apply_mrope": (64, 2, 1, 16),
-        "swiglu": (16, 24), "swiglu_packed": (16, 24)}
+        "swiglu": (16, 24), "swiglu_packed": (16, 24),
+        "cross_entropy": {"N": 8, "V": 40}, "linear_cross_entropy": {"N": 8, "H": 16, "V": 40}}
 FAST = harness.Timing(warmup=1, reps=2, max_time_s=None)
 DTYPES = (torch.float32, torch.bfloat16)
 

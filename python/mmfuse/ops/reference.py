@@ -241,3 +241,65 @@ def attention_merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     wb = torch.exp(lb - safe).t()[..., None]
     out = out_a.to(md) * wa + out_b.to(md) * wb
     return out.to(out_a.dtype), lse
+# ---- cross-entropy -----------------------------------------------------------------------------
+
+def _reduce_loss(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """'none' keeps the rows; 'sum' adds them; 'mean' divides by the number of non-ignored rows,
+    and gives 0 (not NaN, unlike F.cross_entropy) when every row is ignored."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Softmax cross-entropy of logits [..., V] against labels [...] in fp32 math (fp64 for fp64),
+    rounded once to logits' dtype. Rows whose label is ignore_index count 0 and are left out of
+    the mean's denominator."""
+    md = _math_dtype(logits)
+    x = logits.to(md).reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    rows = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
+    out = _reduce_loss(rows, valid, reduction)
+    if reduction == "none":
+        out = out.reshape(labels.shape)
+    return out.to(logits.dtype)
+
+
+def cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                           ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Closed-form d(loss)/d(logits) = (softmax(logits) - onehot(labels)) * scale, 0 on ignored
+    rows; scale = dloss (per row for 'none'), divided by the number of valid rows for 'mean'."""
+    md = _math_dtype(logits)
+    V = logits.shape[-1]
+    x = logits.to(md).reshape(-1, V)
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    g = torch.softmax(x, dim=-1)
+    g[valid, y[valid]] -= 1
+    if reduction == "none":
+        scale = dloss.to(md).reshape(-1, 1)
+    else:
+        scale = dloss.to(md).reshape(1, 1)
+        if reduction == "mean":
+            scale = scale / valid.sum().clamp(min=1).to(md)
+    g = g * scale * valid.to(md).unsqueeze(1)
+    return g.reshape(logits.shape).to(logits.dtype)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """cross_entropy(hidden [N, H] @ weight [V, H]^T, labels [N]); the projection in the inputs'
+    dtype (as F.linear), the loss in fp32 math. Materialises all N x V logits: the oracle only."""
+    return cross_entropy(hidden @ weight.t(), labels, ignore_index, reduction)
+
+
+def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                  labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"):
+    """Closed-form (dhidden, dweight) of linear_cross_entropy: dlogits @ weight and dlogits^T @ hidden."""
+    dlogits = cross_entropy_backward(dloss, hidden @ weight.t(), labels, ignore_index, reduction)
+    return dlogits @ weight, dlogits.t() @ hidden

@@ -1,10 +1,11 @@
-// Vectorisable exp for kernels (compiled per ISA flavour, so it lives in MMFUSE_ISA_NS).
+// Branch-free fp32 exp for element loops that must vectorise (libm's expf is a call per element
+// that GCC does not vectorise without -ffast-math). Shared by SwiGLU, cross-entropy and attention.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 #ifndef MMFUSE_ISA_NS
-#error "common/exp.h belongs to kernel sources compiled per ISA (MMFUSE_ISA_NS)"
+#error "common/fast_exp.h belongs to kernel sources compiled per ISA (MMFUSE_ISA_NS)"
 #endif
 
 namespace mmfuse {
@@ -43,6 +44,19 @@ inline float exp_nonpositive(float x) {
   const int32_t n1 = n / 2, n2 = n - n1;       // each in [-75, 0]
   return p * bits_to_float(static_cast<uint32_t>(n1 + 127) << 23) *
          bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
+}
+
+// exp(min(x, 0)) for any x: arguments below -104 (including -inf) clamp to -104 (e^-104 is below
+// fp32's normal range, so the result is as good as 0), positive ones to 0. The clamps work on the
+// bits: GCC does not if-convert float compares under -ftrapping-math, and a branch would stop the
+// loop vectorising. NaN is not propagated (callers that care test for it separately).
+inline float exp_clamped(float x) {
+  const uint32_t b = float_to_bits(x);
+  const int32_t abs_bits = static_cast<int32_t>(b & 0x7FFFFFFFu);
+  const int32_t kClamp = 0x42D00000;  // 104.0f
+  const uint32_t neg = 0u - (b >> 31);  // all ones when x's sign bit is set
+  const uint32_t c = static_cast<uint32_t>(abs_bits < kClamp ? abs_bits : kClamp) & neg;
+  return exp_nonpositive(-bits_to_float(c));
 }
 
 }  // namespace MMFUSE_ISA_NS
