@@ -56,18 +56,6 @@ inline void sigmoid_pair(double g, double& s, double& one_minus_s) {
   one_minus_s = g >= 0 ? e * d : d;
 }
 
-// A tile of an input in the math type: fp32 (fp64) rows are read where they are.
-template <typename T>
-inline const math_t<T>* tile_in(const T* src, math_t<T>* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, math_t<T>>) {
-    (void)buf; (void)n;
-    return src;
-  } else {
-    load_row<T>(src, buf, n);
-    return buf;
-  }
-}
-
 // Where a tile of an output is computed: in place for fp32 (fp64), else in `buf` then stored.
 template <typename T>
 inline math_t<T>* tile_out(T* dst, math_t<T>* buf) {

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/bits.h"
+
 #if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -25,16 +27,10 @@ namespace MMFUSE_ISA_NS {
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float bf16_to_f32(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  const uint32_t u = float_to_bits(f);
   // Round to nearest even; NaN stays a quiet NaN.
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (f != f) ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
@@ -101,8 +97,7 @@ template <> inline float load<f16_t>(const f16_t& v) { return f16_to_f32(v.bits)
 template <typename T> inline T store(math_t<T> v) { return static_cast<T>(v); }
 template <> inline bf16_t store<bf16_t>(float v) {
   // Branch-free twin of f32_to_bf16, so that loops calling it vectorise.
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  const uint32_t u = float_to_bits(v);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   return bf16_t{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
@@ -147,6 +142,18 @@ inline void load_row<f16_t>(const f16_t* __restrict src, float* __restrict dst, 
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
 #endif
   for (; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+}
+
+// A tile of an input in the math type: fp32 (fp64) rows are read where they are.
+template <typename T>
+inline const math_t<T>* tile_in(const T* src, math_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    (void)buf; (void)n;
+    return src;
+  } else {
+    load_row<T>(src, buf, n);
+    return buf;
+  }
 }
 
 template <typename T>

@@ -2,7 +2,8 @@
 // that GCC does not vectorise without -ffast-math). Shared by SwiGLU, cross-entropy and attention.
 #pragma once
 #include <cstdint>
-#include <cstring>
+
+#include "common/bits.h"
 
 #ifndef MMFUSE_ISA_NS
 #error "common/fast_exp.h belongs to kernel sources compiled per ISA (MMFUSE_ISA_NS)"
@@ -10,18 +11,6 @@
 
 namespace mmfuse {
 namespace MMFUSE_ISA_NS {
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 
 // exp(x) for x in [-104, 0], branch-free so that it vectorises. Cephes expf: x = n ln2 + r with
 // |r| <= ln2 / 2 (ln2 split in two so n * C1 is exact), e^r by a degree-7 polynomial, then the

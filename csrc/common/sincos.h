@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/bits.h"
+
 #ifndef MMFUSE_ISA_NS
 #error "common/sincos.h belongs to kernel sources compiled per ISA (MMFUSE_ISA_NS)"
 #endif
@@ -37,31 +39,13 @@ namespace sincos_detail {
 
 constexpr uint32_t kMaxAngleBits = 0x4A000000u;  // 2^21 as fp32 bits
 
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint64_t f64_bits(double d) {
-  uint64_t u;
-  std::memcpy(&u, &d, 8);
-  return u;
-}
-
 // cos and sin of x (|x| <= 2^21) as fp32 bit patterns; sin's sign bit is flipped by sin_flip.
 inline void sincos_bits(float x, uint32_t sin_flip, uint32_t& cos_bits, uint32_t& sin_bits) {
   const double xd = x;
   // k = round(x * 2/pi): adding 1.5 * 2^52 leaves k in the low mantissa bits (two's complement).
   const double shifted = xd * 0.63661977236758138 + 6755399441055744.0;
   const double kd = shifted - 6755399441055744.0;
-  const uint32_t q = static_cast<uint32_t>(f64_bits(shifted));
+  const uint32_t q = static_cast<uint32_t>(double_to_bits(shifted));
   double r = xd - kd * 0x1.921fb544p+0;       // P1, exact
   r = r - kd * 0x1.0b4611a6p-34;              // P2
   r = r - kd * 0x1.3198a2e037073p-69;         // P3
@@ -84,7 +68,7 @@ inline void sincos_bits(float x, uint32_t sin_flip, uint32_t& cos_bits, uint32_t
   cp = cp * r2 - 0.5;                         // -1/2!
   const double cr = 1.0 + r2 * cp;
   // Quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s).
-  const uint32_t sb = f32_bits(static_cast<float>(sr)), cb = f32_bits(static_cast<float>(cr));
+  const uint32_t sb = float_to_bits(static_cast<float>(sr)), cb = float_to_bits(static_cast<float>(cr));
   const uint32_t swap = 0u - (q & 1u);
   sin_bits = ((sb & ~swap) | (cb & swap)) ^ ((q & 2u) << 30) ^ sin_flip;
   cos_bits = ((cb & ~swap) | (sb & swap)) ^ (((q + 1u) & 2u) << 30);
@@ -100,17 +84,17 @@ inline void sincos_row(const float* __restrict x, float* __restrict c, float* __
   uint32_t out_of_range = 0;
 #pragma omp simd reduction(| : out_of_range)
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t xb = f32_bits(x[j]);
+    const uint32_t xb = float_to_bits(x[j]);
     const uint32_t bad = 0u - static_cast<uint32_t>((xb & 0x7FFFFFFFu) > kMaxAngleBits);
     out_of_range |= bad;
     uint32_t cb, sb;
-    sincos_bits(f32_from_bits(xb & ~bad), flip, cb, sb);
-    c[j] = f32_from_bits(cb);
-    s[j] = f32_from_bits(sb);
+    sincos_bits(bits_to_float(xb & ~bad), flip, cb, sb);
+    c[j] = bits_to_float(cb);
+    s[j] = bits_to_float(sb);
   }
   if (out_of_range) {
     for (int64_t j = 0; j < n; ++j) {
-      if ((f32_bits(x[j]) & 0x7FFFFFFFu) > kMaxAngleBits) {
+      if ((float_to_bits(x[j]) & 0x7FFFFFFFu) > kMaxAngleBits) {
         c[j] = std::cos(x[j]);
         s[j] = negate_sin ? -std::sin(x[j]) : std::sin(x[j]);
       }

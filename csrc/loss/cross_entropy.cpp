@@ -28,17 +28,6 @@ constexpr int64_t kTile = 2048;
 inline float exp_shifted(float d) { return exp_clamped(d); }
 inline double exp_shifted(double d) { return std::exp(d < 0 ? d : 0.0); }
 
-template <typename T>
-inline const math_t<T>* tile_in(const T* src, math_t<T>* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, math_t<T>>) {
-    (void)buf; (void)n;
-    return src;
-  } else {
-    load_row<T>(src, buf, n);
-    return buf;
-  }
-}
-
 // log(sum_j exp(x_j)) of one row; NaN if the row holds a NaN.
 template <typename T>
 math_t<T> row_lse(const T* x, int64_t V, math_t<T>* buf) {
