@@ -40,6 +40,8 @@ namespace {
 
 constexpr int64_t kBQ = 64;  // query rows per tile
 constexpr int64_t kBK = 64;  // key rows per tile (a multiple of kNR)
+constexpr int64_t kFQ = 64;  // forward: query rows per tile (a multiple of kNR)
+constexpr int64_t kFK = 128; // forward: key rows per tile
 
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -248,68 +250,105 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   M_* lse_out = static_cast<M_*>(a.lse);
   const M_ scale = static_cast<M_>(a.scale);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
-  const TileList tiles(a.cu_seqlens_q, a.batch, kBQ);
+  // K is only read as the scalar (broadcast) operand, V as the vector operand over Dp columns: both
+  // are used in place when the input is already in the math type (V also needs D % kNR == 0).
+  constexpr bool kSame = std::is_same_v<T, M_>;
+  const bool v_direct = kSame && D % kNR == 0;
+  const TileList tiles(a.cu_seqlens_q, a.batch, kFQ);
   const int64_t items = tiles.count * Hq;
   const int nt = resolve_threads(a.num_threads, items, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()), Vb(new M_[kBK * Dp]()),
-        Sb(new M_[kBQ * kBK]()), Ob(new M_[kBQ * Dp]()), mb(new M_[kBQ]), lb(new M_[kBQ]), rowb(new M_[Dp]);
-    M_ *Q = Qb.get(), *Kt = Ktb.get(), *V = Vb.get(), *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
+    std::unique_ptr<M_[]> Qtb(new M_[Dp * kFQ]()), Kb(new M_[kSame ? 1 : kFK * Dp]()),
+        Vb(new M_[v_direct ? 1 : kFK * Dp]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
+        lb(new M_[kFQ]), mxb(new M_[kFQ]), mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dp]);
+    M_ *Qt = Qtb.get(), *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(),
+       *mu = mub.get(), *sm = smb.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t t = item / Hq, h = item % Hq, hk = h / group, b = tiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
-      const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kBQ, mask.lq - i0);
-      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
+      const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0), nip = round_up(ni, kNR);
+      // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
+      load_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qt, kFQ, rowb.get());
+      for (int64_t c = 0; c < D; ++c) {
+        M_* qc = Qt + c * kFQ;
+#pragma omp simd
+        for (int64_t r = 0; r < ni; ++r) qc[r] *= scale;
+      }
       for (int64_t r = 0; r < ni; ++r) {
         m[r] = ninf;
         l[r] = 0;
       }
       std::memset(O, 0, sizeof(M_) * ni * Dp);
       const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
-      for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
-        const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+      for (int64_t j0 = kbeg; j0 < kend; j0 += kFK) {
+        const int64_t nk = std::min<int64_t>(kFK, kend - j0);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
-        load_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, V, Dp, M_(1));
-        gemm_tile<M_>(ni, round_up(nk, kNR), D, Q, Dp, 1, Kt, kBK, S, kBK, false);
-        for (int64_t r = 0; r < ni; ++r) {
-          M_* s = S + r * kBK;
-          if (!full) {
+        const M_* Kp;
+        int64_t ldk;
+        if constexpr (kSame) {
+          Kp = k + ((k0 + j0) * Hk + hk) * D;
+          ldk = Hk * D;
+        } else {
+          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
+          Kp = Kb.get();
+          ldk = Dp;
+        }
+        const M_* Vp;
+        int64_t ldv;
+        if (v_direct) {
+          Vp = reinterpret_cast<const M_*>(v) + ((k0 + j0) * Hk + hk) * D;
+          ldv = Hk * D;
+        } else {
+          load_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vb.get(), Dp, M_(1));
+          Vp = Vb.get();
+          ldv = Dp;
+        }
+        gemm_tile<M_>(nk, nip, D, Kp, ldk, 1, Qt, kFQ, St, kFQ, false);  // S^T [nk x ni]
+        if (!full) {
+          for (int64_t r = 0; r < ni; ++r) {
             const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
             for (int64_t c = 0; c < nk; ++c)
-              if (c < lo || c > hi) s[c] = ninf;
+              if (c < lo || c > hi) St[c * kFQ + r] = ninf;
           }
-          M_ mx = ninf;
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < nk; ++c) mx = s[c] > mx ? s[c] : mx;
-          const M_ m_new = mx > m[r] ? mx : m[r];
-          if (m_new == ninf) {  // nothing visible yet: P row is zero
-            for (int64_t c = 0; c < nk; ++c) s[c] = 0;
-            continue;
+        }
+        // Column (= query row) maxima and sums, vectorised over the query rows.
+        for (int64_t r = 0; r < ni; ++r) mx[r] = m[r];
+        for (int64_t c = 0; c < nk; ++c) {
+          const M_* s = St + c * kFQ;
+#pragma omp simd
+          for (int64_t r = 0; r < ni; ++r) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
+        }
+#pragma omp simd
+        for (int64_t r = 0; r < ni; ++r) {
+          mu[r] = mx[r] == ninf ? M_(0) : mx[r];  // nothing visible yet: every P entry is exp(-inf) = 0
+          sm[r] = 0;
+        }
+        for (int64_t c = 0; c < nk; ++c) {
+          M_* s = St + c * kFQ;
+#pragma omp simd
+          for (int64_t r = 0; r < ni; ++r) {
+            const M_ p = exp_or_zero(s[r] - mu[r]);
+            s[r] = p;
+            sm[r] += p;
           }
-          M_ sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < nk; ++c) {
-            const M_ p = exp_or_zero(s[c] - m_new);
-            s[c] = p;
-            sum += p;
-          }
-          if (m[r] != m_new) {
-            const M_ alpha = std::exp(m[r] - m_new);  // 0 for the first visible tile
+        }
+        for (int64_t r = 0; r < ni; ++r) {
+          if (m[r] != mx[r]) {
+            const M_ alpha = std::exp(m[r] - mx[r]);  // 0 for the first visible tile
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
+            l[r] = l[r] * alpha + sm[r];
+            m[r] = mx[r];
           } else {
-            l[r] += sum;
+            l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni, Dp, nk, S, kBK, 1, V, Dp, O, Dp, true);
+        gemm_tile<M_>(ni, Dp, nk, St, 1, kFQ, Vp, ldv, O, Dp, true);  // O += P V, P read transposed
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
