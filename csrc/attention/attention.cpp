@@ -42,6 +42,7 @@ constexpr int64_t kBQ = 64;  // query rows per tile
 constexpr int64_t kBK = 64;  // key rows per tile (a multiple of kNR)
 constexpr int64_t kFQ = 64;  // forward: query rows per tile (a multiple of kNR)
 constexpr int64_t kFK = 128; // forward: key rows per tile
+constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
 
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -402,16 +403,30 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       }
   }
 
-  // Pass 1: dK, dV per (sequence, kv head, key tile).
+  // Pass 1: dK, dV per (sequence, kv head, key tile). The softmax scale is folded into K^T (once
+  // per item), so Q and dO are read in place when they are already in the math type and D % kNR == 0.
+  // When nt private [Tq, Hq, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
+  // (summed over the threads afterwards) and pass 2 is skipped.
+  constexpr bool kSame = std::is_same_v<T, M_>;
+  const bool direct = kSame && D % kNR == 0;
+  const int64_t part = Tq * Hq * Dp;
+  const bool dq_in_pass1 = Tq > 0 && int64_t(nt) * part * int64_t(sizeof(M_)) <= kMaxPartialBytes;
+  std::unique_ptr<M_[]> dQpart(dq_in_pass1 ? new M_[nt * part] : nullptr);
   const TileList ktiles(a.cu_seqlens_k, a.batch, kBK);
   const int64_t kitems = ktiles.count * Hk;
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()),
-        Vtb(new M_[Dp * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()),
-        dVb(new M_[kBK * Dp]()), rowb(new M_[Dp]);
-    M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(),
-       *dK = dKb.get(), *dV = dVb.get();
+    M_* dQacc = nullptr;
+    if (dq_in_pass1) {
+      const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
+      dQacc = dQpart.get() + int64_t(tid) * part;
+      for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
+    }
+    std::unique_ptr<M_[]> Qb(new M_[direct ? 1 : kBQ * Dp]()), Gb(new M_[direct ? 1 : kBQ * Dp]()),
+        Kb(new M_[direct || !dq_in_pass1 ? 1 : kBK * Dp]()), Ktb(new M_[Dp * kBK]()), Vtb(new M_[Dp * kBK]()),
+        Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()), dVb(new M_[kBK * Dp]()),
+        rowb(new M_[Dp]);
+    M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems; ++item) {
       const int64_t t = item / Hk, hk = item % Hk, b = ktiles.seq[t];
@@ -419,7 +434,23 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0), nkp = round_up(nk, kNR);
       load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
+      for (int64_t c = 0; c < D; ++c) {
+        M_* kc = Kt + c * kBK;
+#pragma omp simd
+        for (int64_t r = 0; r < nk; ++r) kc[r] *= scale;
+      }
       load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
+      const M_* Kr = nullptr;
+      int64_t ldk = Dp;
+      if (dq_in_pass1) {
+        if (direct) {
+          Kr = reinterpret_cast<const M_*>(k) + ((k0 + j0) * Hk + hk) * D;
+          ldk = Hk * D;
+        } else {
+          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
+          Kr = Kb.get();
+        }
+      }
       std::memset(dK, 0, sizeof(M_) * nk * Dp);
       std::memset(dV, 0, sizeof(M_) * nk * Dp);
       const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
@@ -427,14 +458,25 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
           const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
-          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
+          const M_ *Q, *G;
+          int64_t ldq;
+          if (direct) {
+            Q = reinterpret_cast<const M_*>(q) + ((q0 + i0) * Hq + h) * D;
+            G = reinterpret_cast<const M_*>(dout) + ((q0 + i0) * Hq + h) * D;
+            ldq = Hq * D;
+          } else {
+            load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
+            load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
+            Q = Qb.get();
+            G = Gb.get();
+            ldq = Dp;
+          }
           const M_* lse_r = lse + h * Tq + q0 + i0;
           const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
-          gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
+          gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt, kBK, S, kBK, false);
           probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-          gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, Dp, dV, Dp, true);      // dV += P^T dO
-          gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);   // dP = dO V^T
+          gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, ldq, dV, Dp, true);      // dV += P^T dO
+          gemm_tile<M_>(ni, nkp, D, G, ldq, 1, Vt, kBK, dP, kBK, false);   // dP = dO V^T
           for (int64_t r = 0; r < ni; ++r) {
             M_* d = dP + r * kBK;
             const M_* p = S + r * kBK;
@@ -442,11 +484,32 @@ void bwd_kernel(const AttentionBwdArgs& a) {
 #pragma omp simd
             for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
           }
-          gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, Dp, dK, Dp, true);     // dK += dS^T (scale Q)
+          gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK, Dp, true);     // dK += dS^T Q (scaled on store)
+          if (dq_in_pass1)                                                 // dQ += dS K (scaled on store)
+            gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, ldk, dQacc + ((q0 + i0) * Hq + h) * Dp, Hq * Dp, true);
         }
-      store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, M_(1));
+      store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
       store_rows<T, M_>(dV, Dp, k0 + j0, nk, Hk, hk, D, dv, M_(1));
     }
+  }
+  if (dq_in_pass1) {
+#pragma omp parallel num_threads(nt)
+    {
+      std::unique_ptr<M_[]> accb(new M_[Dp]);
+      M_* acc = accb.get();
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < Tq * Hq; ++row) {
+        const M_* p0 = dQpart.get() + row * Dp;
+        std::memcpy(acc, p0, sizeof(M_) * Dp);
+        for (int th = 1; th < nt; ++th) {
+          const M_* p = p0 + th * part;
+#pragma omp simd
+          for (int64_t c = 0; c < Dp; ++c) acc[c] += p[c];
+        }
+        store_rows<T, M_>(acc, Dp, row / Hq, 1, Hq, row % Hq, D, dq, scale);
+      }
+    }
+    return;
   }
 
   // Pass 2: dQ per (sequence, query head, query tile).
