@@ -96,11 +96,13 @@ inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, co
 }
 
 // C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kNR (callers pad B and C with zeros).
+// Column block n0 / kNR of B starts bps floats after the previous one (kNR for a plain row-major B;
+// panel-packed operands store each kNR-wide block contiguously over K, bps = K * kNR, ldb = kNR).
 template <typename M_>
 void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_t aks, const M_* B, int64_t ldb,
-               M_* C, int64_t ldc, bool accumulate) {
+               M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR) {
   if constexpr (std::is_same_v<M_, float>) {
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNR, B += bps - kNR) {
       int64_t m = 0;
       for (; m + kMR <= M; m += kMR)
         micro_kernel<kMR>(K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
@@ -120,11 +122,13 @@ void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_
       M_* c = C + m * ldc;
       if (!accumulate)
         for (int64_t n = 0; n < N; ++n) c[n] = 0;
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const M_ a = A[m * ars + kk * aks];
-        const M_* b = B + kk * ldb;
-#pragma omp simd
-        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+        const int64_t nb = std::min<int64_t>(kNR, N - n0);
+        for (int64_t kk = 0; kk < K; ++kk) {
+          const M_ a = A[m * ars + kk * aks];
+          const M_* b = B + (n0 / kNR) * bps + kk * ldb;
+          for (int64_t n = 0; n < nb; ++n) c[n0 + n] += a * b[n];
+        }
       }
     }
   }
@@ -204,6 +208,36 @@ void load_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_
   }
 }
 
+// Panel-packed rows: element (r, c) of rows [r0, r0 + n) goes to dst[(c / kNR) * n * kNR + r * kNR + c % kNR]
+// for c < Dp (columns D .. Dp zero), so a micro-kernel column block reads n * kNR contiguous floats.
+template <typename T, typename M_>
+void pack_rows(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, int64_t Dp, M_* dst,
+               M_* row_buf) {
+  for (int64_t c = D; c < Dp; ++c) row_buf[c] = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
+    for (int64_t p = 0; p < Dp; p += kNR) {
+      if constexpr (std::is_same_v<M_, float>) {
+        vstore(dst + p * n + r * kNR, vload(row_buf + p));
+        vstore(dst + p * n + r * kNR + kVW, vload(row_buf + p + kVW));
+      } else {
+        std::memcpy(dst + p * n + r * kNR, row_buf + p, sizeof(M_) * kNR);
+      }
+    }
+  }
+}
+
+// Panel-packed transpose (times mul): element (r, c) goes to dst[(r / kNR) * D * kNR + c * kNR + r % kNR].
+template <typename T, typename M_>
+void pack_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst,
+                          M_* row_buf, M_ mul) {
+  for (int64_t r = 0; r < n; ++r) {
+    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
+    M_* d = dst + (r / kNR) * D * kNR + r % kNR;
+    for (int64_t c = 0; c < D; ++c) d[c * kNR] = row_buf[c] * mul;
+  }
+}
+
 template <typename T, typename M_>
 void store_rows(const M_* src, int64_t ld, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, T* dst, M_ mul) {
   for (int64_t r = 0; r < n; ++r) {
@@ -251,18 +285,14 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   M_* lse_out = static_cast<M_*>(a.lse);
   const M_ scale = static_cast<M_>(a.scale);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
-  // K is only read as the scalar (broadcast) operand, V as the vector operand over Dp columns: both
-  // are used in place when the input is already in the math type (V also needs D % kNR == 0).
-  constexpr bool kSame = std::is_same_v<T, M_>;
-  const bool v_direct = kSame && D % kNR == 0;
   const TileList tiles(a.cu_seqlens_q, a.batch, kFQ);
   const int64_t items = tiles.count * Hq;
   const int nt = resolve_threads(a.num_threads, items, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qtb(new M_[Dp * kFQ]()), Kb(new M_[kSame ? 1 : kFK * Dp]()),
-        Vb(new M_[v_direct ? 1 : kFK * Dp]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
+    std::unique_ptr<M_[]> Qtb(new M_[Dp * kFQ]()), Kb(new M_[kFK * Dp]()),
+        Vb(new M_[kFK * Dp]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
         lb(new M_[kFQ]), mxb(new M_[kFQ]), mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dp]);
     M_ *Qt = Qtb.get(), *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(),
        *mu = mub.get(), *sm = smb.get();
@@ -273,12 +303,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0), nip = round_up(ni, kNR);
       // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
-      load_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qt, kFQ, rowb.get());
-      for (int64_t c = 0; c < D; ++c) {
-        M_* qc = Qt + c * kFQ;
-#pragma omp simd
-        for (int64_t r = 0; r < ni; ++r) qc[r] *= scale;
-      }
+      pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qt, rowb.get(), scale);
       for (int64_t r = 0; r < ni; ++r) {
         m[r] = ninf;
         l[r] = 0;
@@ -288,27 +313,12 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       for (int64_t j0 = kbeg; j0 < kend; j0 += kFK) {
         const int64_t nk = std::min<int64_t>(kFK, kend - j0);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        const M_* Kp;
-        int64_t ldk;
-        if constexpr (kSame) {
-          Kp = k + ((k0 + j0) * Hk + hk) * D;
-          ldk = Hk * D;
-        } else {
-          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
-          Kp = Kb.get();
-          ldk = Dp;
-        }
-        const M_* Vp;
-        int64_t ldv;
-        if (v_direct) {
-          Vp = reinterpret_cast<const M_*>(v) + ((k0 + j0) * Hk + hk) * D;
-          ldv = Hk * D;
-        } else {
-          load_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vb.get(), Dp, M_(1));
-          Vp = Vb.get();
-          ldv = Dp;
-        }
-        gemm_tile<M_>(nk, nip, D, Kp, ldk, 1, Qt, kFQ, St, kFQ, false);  // S^T [nk x ni]
+        // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
+        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
+        const M_* Kp = Kb.get();
+        const int64_t ldk = Dp;
+        pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dp, Vb.get(), rowb.get());
+        gemm_tile<M_>(nk, nip, D, Kp, ldk, 1, Qt, kNR, St, kFQ, false, D * kNR);  // S^T [nk x ni]
         if (!full) {
           for (int64_t r = 0; r < ni; ++r) {
             const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
@@ -349,7 +359,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
             l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni, Dp, nk, St, 1, kFQ, Vp, ldv, O, Dp, true);  // O += P V, P read transposed
+        gemm_tile<M_>(ni, Dp, nk, St, 1, kFQ, Vb.get(), kNR, O, Dp, true, nk * kNR);  // O += P V, P read transposed
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
