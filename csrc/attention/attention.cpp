@@ -414,11 +414,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   }
 
   // Pass 1: dK, dV per (sequence, kv head, key tile). The softmax scale is folded into K^T (once
-  // per item), so Q and dO are read in place when they are already in the math type and D % kNR == 0.
+  // per item), so the Q and dO tiles are plain copies (contiguous: rows read in place are a page apart).
   // When nt private [Tq, Hq, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
   // (summed over the threads afterwards) and pass 2 is skipped.
-  constexpr bool kSame = std::is_same_v<T, M_>;
-  const bool direct = kSame && D % kNR == 0;
   const int64_t part = Tq * Hq * Dp;
   const bool dq_in_pass1 = Tq > 0 && int64_t(nt) * part * int64_t(sizeof(M_)) <= kMaxPartialBytes;
   std::unique_ptr<M_[]> dQpart(dq_in_pass1 ? new M_[nt * part] : nullptr);
@@ -432,8 +430,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       dQacc = dQpart.get() + int64_t(tid) * part;
       for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
     }
-    std::unique_ptr<M_[]> Qb(new M_[direct ? 1 : kBQ * Dp]()), Gb(new M_[direct ? 1 : kBQ * Dp]()),
-        Kb(new M_[direct || !dq_in_pass1 ? 1 : kBK * Dp]()), Ktb(new M_[Dp * kBK]()), Vtb(new M_[Dp * kBK]()),
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Kb(new M_[dq_in_pass1 ? kBK * Dp : 1]()), Ktb(new M_[Dp * kBK]()), Vtb(new M_[Dp * kBK]()),
         Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()), dVb(new M_[kBK * Dp]()),
         rowb(new M_[Dp]);
     M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
@@ -450,17 +447,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         for (int64_t r = 0; r < nk; ++r) kc[r] *= scale;
       }
       load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
-      const M_* Kr = nullptr;
-      int64_t ldk = Dp;
-      if (dq_in_pass1) {
-        if (direct) {
-          Kr = reinterpret_cast<const M_*>(k) + ((k0 + j0) * Hk + hk) * D;
-          ldk = Hk * D;
-        } else {
-          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
-          Kr = Kb.get();
-        }
-      }
+      const M_* Kr = Kb.get();
+      const int64_t ldk = Dp;
+      if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
       std::memset(dK, 0, sizeof(M_) * nk * Dp);
       std::memset(dV, 0, sizeof(M_) * nk * Dp);
       const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
@@ -468,19 +457,10 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
           const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-          const M_ *Q, *G;
-          int64_t ldq;
-          if (direct) {
-            Q = reinterpret_cast<const M_*>(q) + ((q0 + i0) * Hq + h) * D;
-            G = reinterpret_cast<const M_*>(dout) + ((q0 + i0) * Hq + h) * D;
-            ldq = Hq * D;
-          } else {
-            load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
-            load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
-            Q = Qb.get();
-            G = Gb.get();
-            ldq = Dp;
-          }
+          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
+          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
+          const M_ *Q = Qb.get(), *G = Gb.get();
+          const int64_t ldq = Dp;
           const M_* lse_r = lse + h * Tq + q0 + i0;
           const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
           gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt, kBK, S, kBK, false);
