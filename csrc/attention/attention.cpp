@@ -52,7 +52,9 @@ constexpr int kVW = 8;
 constexpr int kVW = 4;  // SSE2 / NEON
 #endif
 constexpr int kNR = 2 * kVW;  // columns of C per micro-kernel call: two vectors
-constexpr int kMR = 6;        // rows of C per micro-kernel call: 12 accumulators + 2 B vectors + 1 broadcast
+// Rows of C per micro-kernel call: 2 kMR accumulators + 2 B vectors + 1 broadcast registers (32 with
+// AVX-512, 16 otherwise).
+constexpr int kMR = kVW == 16 ? 12 : 6;
 
 typedef float vecf __attribute__((vector_size(kVW * sizeof(float))));
 
@@ -95,6 +97,18 @@ inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, co
   }
 }
 
+// micro_kernel<rows> for 1 <= rows <= R.
+template <int R>
+inline void micro_kernel_tail(int64_t rows, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
+                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_kernel<R>(K, A, ars, aks, B, ldb, C, ldc, accumulate);
+    else
+      micro_kernel_tail<R - 1>(rows, K, A, ars, aks, B, ldb, C, ldc, accumulate);
+  }
+}
+
 // C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kNR (callers pad B and C with zeros).
 // Column block n0 / kNR of B starts bps floats after the previous one (kNR for a plain row-major B;
 // panel-packed operands store each kNR-wide block contiguously over K, bps = K * kNR, ldb = kNR).
@@ -106,16 +120,7 @@ void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_
       int64_t m = 0;
       for (; m + kMR <= M; m += kMR)
         micro_kernel<kMR>(K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
-      const float* a = A + m * ars;
-      float* c = C + m * ldc + n0;
-      switch (M - m) {
-        case 1: micro_kernel<1>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
-        case 2: micro_kernel<2>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
-        case 3: micro_kernel<3>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
-        case 4: micro_kernel<4>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
-        case 5: micro_kernel<5>(K, a, ars, aks, B + n0, ldb, c, ldc, accumulate); break;
-        default: break;
-      }
+      if (m < M) micro_kernel_tail<kMR - 1>(M - m, K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
     }
   } else {  // fp64 (gradcheck only): plain loops
     for (int64_t m = 0; m < M; ++m) {
