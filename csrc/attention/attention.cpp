@@ -303,7 +303,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
        *mu = mub.get(), *sm = smb.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t t = item / Hq, h = item % Hq, hk = h / group, b = tiles.seq[t];
+      const int64_t t = item % tiles.count, h = item / tiles.count, hk = h / group, b = tiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0), nip = round_up(ni, kNR);
