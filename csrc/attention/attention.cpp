@@ -38,8 +38,8 @@ namespace mmfuse {
 namespace MMFUSE_ISA_NS {
 namespace {
 
-constexpr int64_t kBQ = 64;  // query rows per tile
-constexpr int64_t kBK = 64;  // key rows per tile (a multiple of kNR)
+constexpr int64_t kBQ = 96;  // query rows per tile
+constexpr int64_t kBK = 128;  // key rows per tile (a multiple of kNR)
 constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR)
 constexpr int64_t kFK = 144; // forward: key rows per tile
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
