@@ -441,7 +441,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
     M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < kitems; ++item) {
-      const int64_t t = item / Hk, hk = item % Hk, b = ktiles.seq[t];
+      const int64_t t = item % ktiles.count, hk = item / ktiles.count, b = ktiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0), nkp = round_up(nk, kNR);
