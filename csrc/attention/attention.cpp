@@ -336,36 +336,39 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const M_* Kp = Kb.get();
         const int64_t ldk = Dp;
         pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dp, Vb.get(), rowb.get());
-        gemm_tile<M_>(nk, nip, D, Kp, ldk, 1, Qt, kNR, St, kFQ, false, D * kNR);  // S^T [nk x ni]
+        // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
+        // a multiple of kNR so that the S^T product starts at a Q^T panel.
+        const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
+        gemm_tile<M_>(nk, nip - rs, D, Kp, ldk, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR);  // S^T [nk x ni]
         if (!full) {
-          for (int64_t r = 0; r < ni; ++r) {
+          for (int64_t r = rs; r < ni; ++r) {
             const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
             for (int64_t c = 0; c < nk; ++c)
               if (c < lo || c > hi) St[c * kFQ + r] = ninf;
           }
         }
         // Column (= query row) maxima and sums, vectorised over the query rows.
-        for (int64_t r = 0; r < ni; ++r) mx[r] = m[r];
+        for (int64_t r = rs; r < ni; ++r) mx[r] = m[r];
         for (int64_t c = 0; c < nk; ++c) {
           const M_* s = St + c * kFQ;
 #pragma omp simd
-          for (int64_t r = 0; r < ni; ++r) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
+          for (int64_t r = rs; r < ni; ++r) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
         }
 #pragma omp simd
-        for (int64_t r = 0; r < ni; ++r) {
+        for (int64_t r = rs; r < ni; ++r) {
           mu[r] = mx[r] == ninf ? M_(0) : mx[r];  // nothing visible yet: every P entry is exp(-inf) = 0
           sm[r] = 0;
         }
         for (int64_t c = 0; c < nk; ++c) {
           M_* s = St + c * kFQ;
 #pragma omp simd
-          for (int64_t r = 0; r < ni; ++r) {
+          for (int64_t r = rs; r < ni; ++r) {
             const M_ p = exp_or_zero(s[r] - mu[r]);
             s[r] = p;
             sm[r] += p;
           }
         }
-        for (int64_t r = 0; r < ni; ++r) {
+        for (int64_t r = rs; r < ni; ++r) {
           if (m[r] != mx[r]) {
             const M_ alpha = std::exp(m[r] - mx[r]);  // 0 for the first visible tile
             M_* o = O + r * Dp;
@@ -377,7 +380,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
             l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni, Dp, nk, St, 1, kFQ, Vb.get(), kNR, O, Dp, true, nk * kNR);  // O += P V, P read transposed
+        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vb.get(), kNR, O + rs * Dp, Dp, true, nk * kNR);  // O += P V
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
