@@ -14,7 +14,7 @@
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Dv),  dQ = scale dS K,  dK = scale dS^T Q.
 // Pass 1: one work item per (sequence, kv head, key tile of kBK rows) accumulates dK and dV over the
 // query tiles (kBQ rows) of every query head in its GQA group, and dQ += dS K into a private
-// [Tq, Hq, Dp] buffer per thread; the buffers are summed afterwards (5 tile products, the minimum).
+// [Hq, Tq, Dp] buffer per thread; the buffers are summed afterwards (5 tile products, the minimum).
 // When those nt buffers would exceed kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per
 // (sequence, query head, query tile)) accumulates it instead, recomputing S and dP (7 products).
 // The softmax scale is folded into the K^T tile once per item.
@@ -436,7 +436,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
 
   // Pass 1: dK, dV per (sequence, kv head, key tile). The softmax scale is folded into K^T (once
   // per item), so the Q and dO tiles are plain copies (contiguous: rows read in place are a page apart).
-  // When nt private [Tq, Hq, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
+  // When nt private [Hq, Tq, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
   // (summed over the threads afterwards) and pass 2 is skipped.
   const int64_t part = Tq * Hq * Dp;
   const bool dq_in_pass1 = Tq > 0 && int64_t(nt) * part * int64_t(sizeof(M_)) <= kMaxPartialBytes;
@@ -497,7 +497,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
           }
           gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK, Dp, true);     // dK += dS^T Q (scaled on store)
           if (dq_in_pass1)                                                 // dQ += dS K (scaled on store)
-            gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, ldk, dQacc + ((q0 + i0) * Hq + h) * Dp, Hq * Dp, true);
+            gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, ldk, dQacc + (h * Tq + q0 + i0) * Dp, Dp, true);
         }
       store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
       store_rows<T, M_>(dV, Dp, k0 + j0, nk, Hk, hk, D, dv, M_(1));
@@ -517,7 +517,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
 #pragma omp simd
           for (int64_t c = 0; c < Dp; ++c) acc[c] += p[c];
         }
-        store_rows<T, M_>(acc, Dp, row / Hq, 1, Hq, row % Hq, D, dq, scale);
+        store_rows<T, M_>(acc, Dp, row % Tq, 1, Hq, row / Tq, D, dq, scale);
       }
     }
     return;
