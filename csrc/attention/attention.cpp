@@ -27,12 +27,13 @@
 //
 // Dense fp32, S = 2048, H = 16, D = 128, 2 threads (Sapphire Rapids, AVX-512), p50 ms / GFLOP/s
 // (FlashAttention convention) / ratio to PyTorch CPU SDPA measured in the same run
-// (python -m bench.ops.bench_attention):
+// (python -m bench.ops.bench_attention; before = the previous kernel rerun back to back with this one):
 //                     before                      after
-//   fwd              281.4 ms 122 GF/s 0.42x      157.5 ms 218 GF/s 0.86x
-//   fwd+bwd         2223.5 ms  54 GF/s 0.46x      564.9 ms 213 GF/s 0.90x
-//   causal fwd       287.7 ms  60 GF/s 0.56x      103.8 ms 166 GF/s 0.81x
-//   causal fwd+bwd  1096.1 ms  55 GF/s 0.59x      337.5 ms 178 GF/s 0.99x
+//   fwd              326.8 ms 105 GF/s 0.41x      161.6 ms 213 GF/s 0.84x
+//   fwd+bwd         1168.3 ms 103 GF/s 0.43x      564.3 ms 213 GF/s 0.93x
+//   causal fwd       149.8 ms 115 GF/s 0.58x       92.2 ms 186 GF/s 0.93x
+//   causal fwd+bwd   550.8 ms 109 GF/s 0.63x      326.3 ms 184 GF/s 1.04x
+// Run-to-run noise on this machine is about +-10%.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
