@@ -59,6 +59,12 @@ def test_long_sequence_1000(causal):
     _check([1000], [1000], 2, 1, 64, causal=causal)
 
 
+@pytest.mark.parametrize("window", [(300, 0), (200, 150), (-1, 100)])
+def test_long_packed_sequences_with_windows(window):
+    # Several forward (384-row) and backward (96 x 128) tiles per sequence, partly visible ones included.
+    _check([900, 500], [1100, 450], 4, 2, 40, window=window)
+
+
 @pytest.mark.parametrize("hq,hk", [(1, 1), (2, 1), (7, 7), (7, 1), (8, 2), (8, 8)])
 def test_gqa_packed_sequences(hq, hk):
     _check([7, 64, 1, 129], [7, 64, 1, 129], hq, hk, 64, causal=True)
