@@ -50,3 +50,29 @@ def test_block_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_and_loss_compile_fullgraph_and_match_eager():
+    torch._dynamo.reset()
+    T, H, D, V = 12, 2, 16, 30
+    q = torch.randn(T, 2 * H, D, requires_grad=True)
+    k = torch.randn(T, H, D, requires_grad=True)
+    v = torch.randn(T, H, D, requires_grad=True)
+    w = torch.randn(V, 2 * H * D, requires_grad=True)
+    cu = torch.tensor([0, 5, T], dtype=torch.int32)
+    labels = torch.randint(0, V, (T,))
+    labels[3] = -100
+
+    def step(q, k, v, w):
+        out = ops.attention(q, k, v, cu, cu, causal=True)
+        h = out.flatten(1)
+        return ops.linear_cross_entropy(h, w, labels) + ops.cross_entropy(h @ w.T, labels)
+
+    eager = step(q, k, v, w)
+    eager_grads = torch.autograd.grad(eager, (q, k, v, w))
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    got = compiled(q, k, v, w)
+    grads = torch.autograd.grad(got, (q, k, v, w))
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
