@@ -134,6 +134,25 @@ void bwd_kernel(const SwigluBwdArgs& a) {
     for (int64_t t = 0; t < tiles.count; ++t) {
       int64_t i, j, n;
       tiles.locate(t, a.cols, i, j, n);
+      if constexpr (kElementwiseVectorises<T> && !std::is_same_v<T, M>) {
+        // bf16: one pass from the stored inputs to the stored gradients, no tile buffers
+        // (8192x5632, 2 threads: 31.6 -> 24.6 ms; the same change made the forward slower, 19 -> 29 ms).
+        const T* __restrict ds_ = dout + i * a.dout_row_stride + j;
+        const T* __restrict gs = gate + i * a.gate_row_stride + j;
+        const T* __restrict us = up + i * a.up_row_stride + j;
+        T* __restrict dgs = dgate + i * a.dgate_row_stride + j;
+        T* __restrict dus = dup + i * a.dup_row_stride + j;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          const M gk = load<T>(gs[k]);
+          M s, oms;
+          sigmoid_pair(gk, s, oms);
+          const M dsk = load<T>(ds_[k]) * s;
+          dgs[k] = store<T>(dsk * load<T>(us[k]) * (M(1) + gk * oms));
+          dus[k] = store<T>(dsk * gk);
+        }
+        continue;
+      }
       const M* __restrict d = tile_in<T>(dout + i * a.dout_row_stride + j, dbuf, n);
       const M* __restrict g = tile_in<T>(gate + i * a.gate_row_stride + j, gbuf, n);
       const M* __restrict u = tile_in<T>(up + i * a.up_row_stride + j, ubuf, n);
