@@ -24,7 +24,7 @@ def _grads(model, batch):
     model.zero_grad(set_to_none=True)
     out = model(**batch)
     out.loss.backward()
-    return float(out.loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 POLICIES = {

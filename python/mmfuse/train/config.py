@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ModelSection:
     """Which weights to start from and how to adapt them."""
-    path: str = ""                                   # Hugging Face Qwen2.5-VL directory (config.json + safetensors)
+    pretrained: str = ""                             # HF Qwen2.5-VL directory, or an mmfuse checkpoint (step-N/)
     dtype: str = "float32"                           # parameter dtype: float32 | bfloat16 | float16
     freeze: list[str] = field(default_factory=list)  # module groups: vision_encoder, projector, text_decoder
     lora: LoRAConfig | None = None                   # low-rank adapters (base weights frozen)
@@ -33,7 +33,8 @@ class TrainingSection:
     """Steps, batch and precision."""
     max_steps: int = 100                  # optimizer steps
     grad_accum: int = 1                   # micro-batches per optimizer step
-    seed: int = 1234                      # model-independent RNG seed (data order, dropout)
+    seed: int = 1234                      # RNG seed (data order, dropout, LoRA init)
+    peak_tflops: float = 0.0              # device peak for MFU (0: look up known GPUs; none on CPU)
     bf16: bool = False                    # bf16 autocast for matmuls (parameters stay in model.dtype)
     device: str = "cpu"                   # cpu | cuda | cuda:N | npu
 
@@ -57,6 +58,7 @@ class LoggingSection:
     """What the run prints and records."""
     log_interval: int = 1                 # print a metrics line every N steps
     log_tps: bool = True                  # include tokens per second (real, unpadded tokens)
+    log_jsonl: str = ""                   # metrics file, one JSON object per step (default save_dir/metrics.jsonl)
     progress: bool = True                 # show a progress bar on a terminal
 
 
@@ -82,10 +84,11 @@ class RunConfig:
     def validate(self) -> None:
         """Every check that can fail before any work starts; errors name the field."""
         m, t, c = self.model, self.training, self.checkpoint
-        if not m.path:
-            raise ValueError("model.path: required (a Hugging Face Qwen2.5-VL directory)")
-        if not (Path(m.path) / "config.json").is_file():
-            raise ValueError(f"model.path: {m.path} has no config.json (expected a Hugging Face model directory)")
+        if not m.pretrained:
+            raise ValueError("model.pretrained: required (a Hugging Face Qwen2.5-VL directory or an mmfuse checkpoint)")
+        if weights_dir(m.pretrained) is None:
+            raise ValueError(f"model.pretrained: {m.pretrained} holds no config.json (expected a Hugging Face "
+                             f"model directory or an mmfuse checkpoint folder step-N/)")
         if m.dtype not in DTYPES:
             raise ValueError(f"model.dtype: must be one of {list(DTYPES)}, got {m.dtype!r}")
         bad = [g for g in m.freeze if g not in MODULE_GROUPS]
@@ -130,8 +133,9 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     base = p.parent
-    cfg.model.path = _resolve(base, cfg.model.path)
+    cfg.model.pretrained = _resolve(base, cfg.model.pretrained)
     cfg.checkpoint.save_dir = _resolve(base, cfg.checkpoint.save_dir)
+    cfg.logging.log_jsonl = _resolve(base, cfg.logging.log_jsonl)
     cfg.data = dict(cfg.data)
     for key in ("dataset_dir", "cache_dir", "tokenizer_dir"):
         if isinstance(cfg.data.get(key), str):
@@ -145,6 +149,15 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     return cfg
+
+
+def weights_dir(pretrained: str) -> Path | None:
+    """The HF directory inside `pretrained`: itself, or the model/ folder of an mmfuse checkpoint."""
+    p = Path(pretrained)
+    for candidate in (p, p / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
 
 
 def dump_run_config(cfg: RunConfig) -> str:

@@ -24,7 +24,8 @@ from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.models.qwen2_5_vl.freeze import freeze
 from mmfuse.models.qwen2_5_vl.model import shift_labels
 from mmfuse.train import checkpoint as ckpt
-from mmfuse.train.config import RunConfig, dump_run_config
+from mmfuse.train.config import RunConfig, dump_run_config, weights_dir
+from mmfuse.train.metrics import device_peak_tflops, peak_memory_bytes, step_flops
 from mmfuse.train.optim import build_optimizer, lr_at, set_lr
 
 BATCH_KEYS = ("input_ids", "labels", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -47,8 +48,11 @@ class StepMetrics:
     grad_norm: float           # global grad norm before clipping
     tokens: int                # real (unpadded) tokens in the step
     label_tokens: int          # tokens that carried a label
-    seconds: float             # wall time of the step
-    tokens_per_second: float
+    tokens_per_s: float        # tokens / step time
+    mfu: float | None          # model FLOPs utilisation (None without a known device peak)
+    mem_peak_bytes: int        # peak device memory (max RSS on CPU)
+    step_s: float              # wall time of the step
+    elapsed_s: float           # wall time since the run (or resume) started
 
 
 def seed_everything(seed: int) -> None:
@@ -60,7 +64,8 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: RunConfig) -> Qwen2_5_VL:
     """Weights from model.path, then freezing, LoRA and recompute as configured."""
     m = cfg.model
-    model = Qwen2_5_VL.from_pretrained(m.path, dtype=getattr(torch, m.dtype), device=cfg.training.device)
+    model = Qwen2_5_VL.from_pretrained(weights_dir(m.pretrained), dtype=getattr(torch, m.dtype),
+                                       device=cfg.training.device)
     if m.freeze:
         freeze(model, m.freeze)
     if m.lora is not None:
@@ -114,7 +119,9 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
     stream = iter(batches)
     history: list[StepMetrics] = []
-    metrics_path = save_dir / "metrics.jsonl"
+    metrics_path = Path(cfg.logging.log_jsonl) if cfg.logging.log_jsonl else save_dir / "metrics.jsonl"
+    peak = device_peak_tflops(device, t.peak_tflops) * 1e12
+    run_began = time.perf_counter()
     bar = _progress(cfg, start)
 
     def save(step: int) -> None:
@@ -142,10 +149,13 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens
-        seconds = time.perf_counter() - began
+        now = time.perf_counter()
+        seconds = now - began
         m = StepMetrics(step=step + 1, loss=loss_sum / max(label_tokens, 1), lr=lr, grad_norm=grad_norm,
-                        tokens=tokens, label_tokens=label_tokens, seconds=seconds,
-                        tokens_per_second=tokens / seconds if seconds > 0 else 0.0)
+                        tokens=tokens, label_tokens=label_tokens,
+                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+                        mfu=step_flops(model, micro) / (seconds * peak) if peak > 0 and seconds > 0 else None,
+                        mem_peak_bytes=peak_memory_bytes(device), step_s=seconds, elapsed_s=now - run_began)
         history.append(m)
         with metrics_path.open("a") as f:
             f.write(json.dumps(asdict(m)) + "\n")
@@ -155,7 +165,9 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == t.max_steps:
             line = (f"step {m.step}/{t.max_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | grad {m.grad_norm:.3f}")
             if cfg.logging.log_tps:
-                line += f" | {m.tokens_per_second:,.0f} tok/s | {m.seconds:.2f} s/step"
+                line += f" | {m.tokens_per_s:,.0f} tok/s | {m.step_s:.2f} s/step"
+                if m.mfu is not None:
+                    line += f" | MFU {100 * m.mfu:.1f}%"
             (bar.write if bar is not None else log)(line)
         if c.save_interval and (step + 1) % c.save_interval == 0 and step + 1 != t.max_steps:
             save(step + 1)

@@ -68,7 +68,7 @@ def load_state_dict(model: torch.nn.Module, hf_dir: str | os.PathLike, dtype: to
     cfg: Qwen2_5_VLConfig = model.cfg
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, misshaped_names = [], [], set()
     for path in weight_files(hf_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -83,9 +83,10 @@ def load_state_dict(model: torch.nn.Module, hf_dir: str | os.PathLike, dtype: to
                     t = t.reshape(t.shape[0], -1)
                 if tuple(t.shape) != tuple(expected[name].shape):
                     misshaped.append(f"{key}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}")
+                    misshaped_names.add(name)
                     continue
                 loaded[name] = t.to(dtype=dtype or expected[name].dtype, device=device)
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(set(expected) - set(loaded) - misshaped_names)
     problems = [(f"{len(missing)} missing", missing), (f"{len(unexpected)} unexpected", unexpected),
                 (f"{len(misshaped)} with the wrong shape", misshaped)]
     lines = [f"  {title}: " + ", ".join(items[:_MAX_LISTED]) + (" ..." if len(items) > _MAX_LISTED else "")

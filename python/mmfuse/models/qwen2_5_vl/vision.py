@@ -15,7 +15,7 @@ from torch import nn
 
 from mmfuse import ops
 from mmfuse.models.common.layers import RMSNorm
-from mmfuse.models.common.recompute import maybe_recompute
+from mmfuse.models.common.recompute import RecomputeConfig, maybe_recompute, run_layers
 from mmfuse.models.qwen2_5_vl.config import VisionConfig
 from mmfuse.models.qwen2_5_vl.vision_windows import vision_windows
 
@@ -114,6 +114,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self._full_attention = frozenset(cfg.fullatt_block_indexes)
+        self.recompute: RecomputeConfig | None = None   # full-recompute policy for the blocks (set by the model)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid = check_vision_inputs(pixel_values, grid_thw, self.cfg).to(pixel_values.device)
@@ -126,11 +127,14 @@ class VisionTransformer(nn.Module):
         # as contiguous runs of it too, so nothing is permuted between blocks.
         x_TD, cos, sin = (_by_group(t, win.window_index, unit) for t in (x_TD, cos, sin))
 
-        for i, block in enumerate(self.blocks):
-            if i in self._full_attention:
-                x_TD = block(x_TD, cos, sin, win.cu_seqlens, win.max_seqlen)
-            else:
-                x_TD = block(x_TD, cos, sin, win.cu_window_seqlens, win.max_window_seqlen)
+        index = {id(b): i for i, b in enumerate(self.blocks)}
+
+        def block_call(block, h):
+            if index[id(block)] in self._full_attention:
+                return block(h, cos, sin, win.cu_seqlens, win.max_seqlen)
+            return block(h, cos, sin, win.cu_window_seqlens, win.max_window_seqlen)
+
+        x_TD = run_layers(self.blocks, x_TD, self.recompute, block_call)
         return self.merger(x_TD)[win.reverse_index]
 
 
