@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import demo, info
+from mmfuse.cli import demo, info, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
     demo.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 
