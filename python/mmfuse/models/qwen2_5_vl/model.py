@@ -51,6 +51,22 @@ class Qwen2_5_VL(nn.Module):
             nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.vision_recompute: RecomputeConfig | None = None
         self.text_recompute: RecomputeConfig | None = None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """HF's initialisation (initializer_range 0.02): linear and embedding weights N(0, std),
+        biases 0, norm weights 1. A no-op on the meta device (from_pretrained fills the weights)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module.weight.is_meta:
+                    continue
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif hasattr(module, "eps") and isinstance(getattr(module, "weight", None), nn.Parameter):
+                if not module.weight.is_meta:
+                    module.weight.fill_(1.0)
 
     # ---- Hugging Face directories --------------------------------------------------------------
 
