@@ -114,3 +114,14 @@ def test_lora_run_trains_and_exports_adapters_only(weights, tmp_path):
     assert hist[-1].loss < hist[0].loss
     assert (tmp_path / "final" / "adapters" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_bf16_autocast_run_tracks_the_fp32_run(weights, tmp_path):
+    cfg = tiny_config()
+    data = [_micro(cfg, s) for s in range(3)]
+    fp32 = train(_cfg(weights, tmp_path / "fp32", 3), ListBatches(data), log=lambda s: None)
+    run = _cfg(weights, tmp_path / "bf16", 3)
+    run.training.bf16 = True
+    bf16 = train(run, ListBatches(data), log=lambda s: None)
+    for a, b in zip(fp32, bf16):
+        assert b.loss == pytest.approx(a.loss, rel=2e-2)
