@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import demo, info, train
+from mmfuse.cli import data, demo, info, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parser(sub)
     demo.add_parser(sub)
     train.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,55 @@
+"""`mmfuse data`: prepare and check training data.
+
+  mmfuse data llava2mllm --input llava_instruct_150k.json --image-root COCO/train2017 --output mllm.json
+  mmfuse data check data.json
+  mmfuse data make-demo DIR"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_llava2mllm(args: argparse.Namespace) -> int:
+    from mmfuse.data.llava import convert_file
+
+    try:
+        result = convert_file(args.input, args.image_root, args.output, force=args.force,
+                              absolute_paths=args.absolute_paths)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"converted: {result.converted}")
+    print(result.report.format())
+    if not result.converted:
+        print(f"error: no sample of {args.input} could be converted; {args.output} was not written", file=sys.stderr)
+        return 1
+    print(f"wrote {result.output}")
+    if not args.absolute_paths:
+        print(f"image paths are relative to --image-root: set dataset_dir to {args.image_root} in data.json")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="convert, check and generate training data",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
+
+    c = dsub.add_parser(
+        "llava2mllm", help="convert LLaVA-Instruct JSON to the MLLM format",
+        description="Convert LLaVA-Instruct records {id, image, conversations: [{from, value}]} to MLLM records "
+                    "{images, messages: [{role, content}]} (human -> user, gpt -> assistant, system kept). "
+                    "Samples with a missing image, an unknown speaker, a <image> tag count that does not match, "
+                    "or turns that do not alternate are skipped and counted per reason. The output is written "
+                    "atomically (.json: one list; .jsonl: one sample per line) and never overwrites an existing "
+                    "file unless --force.")
+    c.add_argument("--input", required=True, help="LLaVA-Instruct .json (a list) or .jsonl file")
+    c.add_argument("--image-root", required=True,
+                   help="folder holding the images named by each record's 'image' field (e.g. COCO train2017)")
+    c.add_argument("--output", required=True, help="MLLM file to write (.json or .jsonl)")
+    c.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    c.add_argument("--absolute-paths", action="store_true",
+                   help="write absolute image paths instead of paths relative to --image-root")
+    c.set_defaults(run=run_llava2mllm)
+
