@@ -30,6 +30,12 @@ def run_llava2mllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check(args: argparse.Namespace) -> int:
+    from mmfuse.data.check import check_dataset
+
+    return check_dataset(args.config, limit=args.limit, as_json=args.json)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="convert, check and generate training data",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,3 +59,12 @@ def add_parser(sub) -> None:
                    help="write absolute image paths instead of paths relative to --image-root")
     c.set_defaults(run=run_llava2mllm)
 
+    k = dsub.add_parser(
+        "check", help="validate a whole dataset up front and print a summary",
+        description="Load a data config (MindSpeed-MM data.json or mmfuse YAML), read every sample, load its "
+                    "images, apply the chat template and the cut-off length, and print how many samples are "
+                    "usable and why the others are not (with file and index). Exit status 1 if no sample is usable.")
+    k.add_argument("config", help="data.json (dataset_param...) or a YAML file with a 'data' section")
+    k.add_argument("--limit", type=int, default=None, help="process only the first N samples that pass the structural checks")
+    k.add_argument("--json", action="store_true", help="print the summary as JSON")
+    k.set_defaults(run=run_check)

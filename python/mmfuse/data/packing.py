@@ -25,6 +25,7 @@ class ProcessedSample:
     image_grid_thw: torch.Tensor | None = None       # [N, 3] int64
     pixel_values_videos: torch.Tensor | None = None  # [Pv, D] video patch rows
     video_grid_thw: torch.Tensor | None = None       # [Nv, 3] int64
+    second_per_grid_ts: torch.Tensor | None = None   # [Nv] float32, seconds per temporal patch (M-RoPE time)
     where: str = ""                                  # "file[index]" for messages
 
     def __len__(self) -> int:
@@ -41,6 +42,7 @@ class PackedBatch:
     image_grid_thw: torch.Tensor | None              # [N, 3] int64
     pixel_values_videos: torch.Tensor | None         # [Pv, D]
     video_grid_thw: torch.Tensor | None              # [Nv, 3] int64
+    second_per_grid_ts: torch.Tensor | None          # [Nv] float32
     samples: list[str] = field(default_factory=list)  # where each sample came from
     resume_state: dict | None = None                 # sampler state that continues right after this batch
 
@@ -69,6 +71,7 @@ def collate(samples: list[ProcessedSample]) -> PackedBatch:
         image_grid_thw=_cat([s.image_grid_thw for s in samples]),
         pixel_values_videos=_cat([s.pixel_values_videos for s in samples]),
         video_grid_thw=_cat([s.video_grid_thw for s in samples]),
+        second_per_grid_ts=_cat([s.second_per_grid_ts for s in samples]),
         samples=[s.where for s in samples],
     )
 
