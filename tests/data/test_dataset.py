@@ -147,3 +147,19 @@ def test_check_cli_reports_config_errors_with_exit_status_2(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"data": {"dataset": ["nope.json"]}}))
     assert main(["data", "check", str(tmp_path / "bad.yaml")]) == 2
     assert "nope.json not found" in capsys.readouterr().err
+
+
+def test_yaml_keys_are_type_checked_and_typos_named():
+    with pytest.raises(ValueError, match="did you mean 'cutoff_len'"):
+        DataConfig.from_dict({"cutof_len": 5})
+    with pytest.raises(ValueError, match="max_samples: expected an integer"):
+        DataConfig.from_dict({"max_samples": "ten"})
+
+
+def test_tokenizer_dir_overrides_model_name_or_path(tmp_path, tok):
+    _write_dataset(tmp_path)
+    tok.save(tmp_path / "tok")
+    cfg = DataConfig.from_dict({"dataset": "d.json", "dataset_dir": ".", "model_name_or_path": "nowhere",
+                                "tokenizer_dir": "tok", "cutoff_len": 256}, base_dir=tmp_path)
+    assert cfg.model_dir == str(tmp_path / "tok")
+    assert MLLMDataset(cfg, processor=FakeProcessor()).tokenizer.vocab_size == 512

@@ -33,7 +33,7 @@ def run_llava2mllm(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from mmfuse.data.check import check_dataset
 
-    return check_dataset(args.config, limit=args.limit, as_json=args.json)
+    return check_dataset(args.config, limit=args.limit, as_json=args.json, cutoff_len=args.cutoff_len)
 
 
 def run_make_demo(args: argparse.Namespace) -> int:
@@ -79,6 +79,8 @@ def add_parser(sub) -> None:
                     "usable and why the others are not (with file and index). Exit status 1 if no sample is usable.")
     k.add_argument("config", help="data.json (dataset_param...) or a YAML file with a 'data' section")
     k.add_argument("--limit", type=int, default=None, help="process only the first N samples that pass the structural checks")
+    k.add_argument("--cutoff-len", type=int, default=None,
+                   help="token limit per sample, overriding the config (MindSpeed-MM takes it from --seq-length)")
     k.add_argument("--json", action="store_true", help="print the summary as JSON")
     k.set_defaults(run=run_check)
 

@@ -41,11 +41,14 @@ class CheckSummary:
 
 
 def summarize(config_path: str | os.PathLike, limit: int | None = None, tokenizer=None,
-              processor=None) -> CheckSummary:
-    """Build the dataset of `config_path` and process its samples (the first `limit` if given)."""
+              processor=None, cutoff_len: int | None = None) -> CheckSummary:
+    """Build the dataset of `config_path` and process its samples (the first `limit` if given);
+    `cutoff_len` overrides the config's."""
     from mmfuse.data.dataset import MLLMDataset
 
     config = load_data_config(config_path)
+    if cutoff_len is not None:
+        config.cutoff_len = cutoff_len
     dataset = MLLMDataset(config, tokenizer=tokenizer, processor=processor)
     summary = CheckSummary(report=dataset.report, ignored_keys=list(config.ignored))
     skipped_at_load = dataset.report.total
@@ -65,10 +68,10 @@ def summarize(config_path: str | os.PathLike, limit: int | None = None, tokenize
 
 
 def check_dataset(config_path: str | os.PathLike, limit: int | None = None, as_json: bool = False,
-                  tokenizer=None, processor=None) -> int:
+                  tokenizer=None, processor=None, cutoff_len: int | None = None) -> int:
     """Print the summary; 0 if some sample is usable, 1 if none is, 2 if the config is invalid."""
     try:
-        summary = summarize(config_path, limit, tokenizer, processor)
+        summary = summarize(config_path, limit, tokenizer, processor, cutoff_len)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

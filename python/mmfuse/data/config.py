@@ -4,7 +4,6 @@ and validated in one place, at start-up, listing every problem at once."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 
 from mmfuse.data.mllm import DatasetAttr
 from mmfuse.data.template import TEMPLATE_NAMES
+from mmfuse.utils.typed_config import build
 
 
 @dataclass
@@ -21,6 +21,7 @@ class DataConfig:
     dataset: list[str] = field(default_factory=list)  # MLLM .json/.jsonl files (data.json: comma-separated string)
     dataset_dir: str | None = None         # folder media paths are looked up in first (then the path as written)
     model_name_or_path: str | None = None  # checkpoint folder with tokenizer.json (+ preprocessor_config.json)
+    tokenizer_dir: str | None = None       # folder with tokenizer.json when it is not model_name_or_path
     template: str = "qwen2vl"              # chat template; only qwen2vl
     cutoff_len: int | None = None          # max tokens per sample (MindSpeed-MM takes --seq-length); None: no cut
     train_on_prompt: bool = False          # also compute loss on prompt tokens
@@ -44,13 +45,13 @@ class DataConfig:
         """From mmfuse YAML keys (the field names). Relative paths are taken relative to `base_dir`
         (the YAML file's folder) when given."""
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)} - {"ignored"}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+        if "ignored" in d:
+            raise ValueError(f"{where}: 'ignored' is filled in when reading a data.json, not set by hand")
         attr = DatasetAttr.from_dict(d.pop("attr", None), where=f"{where}.attr")
-        cfg = cls(attr=attr, **d)
-        cfg.dataset = _split_list(cfg.dataset)
+        if isinstance(d.get("dataset"), str):
+            d["dataset"] = _split_list(d["dataset"])
+        cfg = build(cls, d, where)   # type-checks every field, suggests the closest name for a typo
+        cfg.attr = attr
         if base_dir is not None:
             cfg._rebase(Path(base_dir))
         return cfg
@@ -89,9 +90,16 @@ class DataConfig:
                     raise ValueError(f"{where}: unknown key {path}; known: "
                                      f"{sorted(set(mapping) | set(_NO_EFFECT_KEYS) | set(_MUST_BE_OFF))}")
         attr = DatasetAttr.from_dict(dp.get("attr"), where=f"{where}: dataset_param.attr")
-        cfg = cls(attr=attr, ignored=ignored, **values)
-        cfg.dataset = _split_list(cfg.dataset)
+        if isinstance(values.get("dataset"), str):
+            values["dataset"] = _split_list(values["dataset"])
+        cfg = build(cls, values, f"{where}: dataset_param")
+        cfg.attr, cfg.ignored = attr, ignored
         return cfg
+
+    @property
+    def model_dir(self) -> str | None:
+        """Where the tokenizer and preprocessor_config.json are read from."""
+        return self.tokenizer_dir or self.model_name_or_path
 
     def _rebase(self, base: Path) -> None:
         def rebase(p: str | None) -> str | None:
@@ -99,6 +107,7 @@ class DataConfig:
         self.dataset = [rebase(p) for p in self.dataset]
         self.dataset_dir = rebase(self.dataset_dir)
         self.model_name_or_path = rebase(self.model_name_or_path)
+        self.tokenizer_dir = rebase(self.tokenizer_dir)
         self.cache_dir = rebase(self.cache_dir)
 
     # ---- validation ----------------------------------------------------------------------------
@@ -127,10 +136,11 @@ class DataConfig:
         if self.dataset_dir is not None and not Path(self.dataset_dir).is_dir():
             problems.append(f"dataset_dir: {self.dataset_dir} is not a directory")
         if need_tokenizer:
-            if not self.model_name_or_path:
+            name = "tokenizer_dir" if self.tokenizer_dir else "model_name_or_path"
+            if not self.model_dir:
                 problems.append("model_name_or_path: not set (the folder with tokenizer.json)")
-            elif not (Path(self.model_name_or_path) / "tokenizer.json").is_file():
-                problems.append(f"model_name_or_path: {self.model_name_or_path} has no tokenizer.json")
+            elif not (Path(self.model_dir) / "tokenizer.json").is_file():
+                problems.append(f"{name}: {self.model_dir} has no tokenizer.json")
         for name in ("cutoff_len", "max_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

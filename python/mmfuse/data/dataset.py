@@ -5,7 +5,6 @@ counted in `report` with its file and index; reading never raises for one sample
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,29 +37,21 @@ def default_processor(model_dir: str | None) -> ImageProcessor:
     when there is one (else the Qwen2.5-VL defaults)."""
     from mmfuse.data.image_processor import Qwen2VLImageProcessor  # imported here: tests inject a fake
 
-    kwargs: dict[str, Any] = {}
-    path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
-    if path is not None and path.is_file():
-        pre = json.loads(path.read_text(encoding="utf-8"))
-        size = pre.get("size") or {}
-        # Older files carry min/max_pixels; transformers >= 4.50 writes size.shortest/longest_edge.
-        kwargs["min_pixels"] = pre.get("min_pixels", size.get("shortest_edge"))
-        kwargs["max_pixels"] = pre.get("max_pixels", size.get("longest_edge"))
-        for key in ("patch_size", "temporal_patch_size", "merge_size"):
-            kwargs[key] = pre.get(key)
-    return Qwen2VLImageProcessor(**{k: v for k, v in kwargs.items() if v is not None})
+    if model_dir and (Path(model_dir) / "preprocessor_config.json").is_file():
+        return Qwen2VLImageProcessor.from_pretrained(model_dir)
+    return Qwen2VLImageProcessor()
 
 
 class MLLMDataset:
     """Samples of the files in `config.dataset`, processed on demand. `tokenizer` and `processor`
-    default to the ones in `config.model_name_or_path`."""
+    default to the ones in `config.model_dir`."""
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer | None = None,
                  processor: ImageProcessor | None = None, report: SkipReport | None = None):
         config.validate(need_tokenizer=tokenizer is None)
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(config.model_name_or_path)
-        self.processor = processor if processor is not None else default_processor(config.model_name_or_path)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(config.model_dir)
+        self.processor = processor if processor is not None else default_processor(config.model_dir)
         self.template = get_template(config.template, self.tokenizer,
                                      merge_size=getattr(self.processor, "merge_size", 2))
         self.report = report if report is not None else SkipReport()
