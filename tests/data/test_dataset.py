@@ -4,7 +4,6 @@ and counted with file and index instead of stopping the run."""
 import json
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -12,7 +11,7 @@ from mmfuse.cli.main import main
 from mmfuse.data.check import check_dataset
 from mmfuse.data.config import DataConfig, load_data_config
 from mmfuse.data.dataset import MLLMDataset
-from mmfuse.data.tokenizer import Tokenizer, build_tiny_tokenizer
+from mmfuse.data.tokenizer import build_tiny_tokenizer
 from mmfuse.models.qwen2_5_vl.config import SMALL_VOCAB_SPECIAL_TOKENS
 from tests.data.fakes import FakeProcessor
 
