@@ -33,6 +33,7 @@ class TrainingSection:
     """Steps, batch and precision."""
     max_steps: int = 100                  # optimizer steps
     grad_accum: int = 1                   # micro-batches per optimizer step
+    seq_length: int = 2048                # tokens per packed micro-batch (samples are never split)
     seed: int = 1234                      # RNG seed (data order, dropout, LoRA init)
     peak_tflops: float = 0.0              # device peak for MFU (0: look up known GPUs; none on CPU)
     bf16: bool = False                    # bf16 autocast for matmuls (parameters stay in model.dtype)
@@ -99,8 +100,9 @@ class RunConfig:
         for name in ("recompute_vision", "recompute_text"):
             if getattr(m, name) is not None:
                 getattr(m, name).validate(f"model.{name}")
-        if t.max_steps < 1 or t.grad_accum < 1:
-            raise ValueError(f"training: max_steps and grad_accum must be >= 1, got {t.max_steps}, {t.grad_accum}")
+        if t.max_steps < 1 or t.grad_accum < 1 or t.seq_length < 1:
+            raise ValueError(f"training: max_steps, grad_accum and seq_length must be >= 1, got {t.max_steps}, "
+                             f"{t.grad_accum}, {t.seq_length}")
         self.optimizer.validate("optimizer")
         if not c.save_dir:
             raise ValueError("checkpoint.save_dir: required (where checkpoints and metrics go)")
@@ -137,7 +139,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     cfg.checkpoint.save_dir = _resolve(base, cfg.checkpoint.save_dir)
     cfg.logging.log_jsonl = _resolve(base, cfg.logging.log_jsonl)
     cfg.data = dict(cfg.data)
-    for key in ("dataset_dir", "cache_dir", "tokenizer_dir"):
+    for key in ("dataset_dir", "cache_dir", "tokenizer_dir", "model_name_or_path"):
         if isinstance(cfg.data.get(key), str):
             cfg.data[key] = _resolve(base, cfg.data[key])
     if isinstance(cfg.data.get("dataset"), list):

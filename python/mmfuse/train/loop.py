@@ -84,8 +84,11 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
-def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = print) -> list[StepMetrics]:
-    """Run (or resume) training as cfg says, feeding from `batches`; returns the step metrics."""
+def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = print,
+          on_step_end: Callable[[torch.nn.Module, StepMetrics], str | None] | None = None) -> list[StepMetrics]:
+    """Run (or resume) training as cfg says, feeding from `batches`; returns the step metrics.
+    `on_step_end(model, metrics)` runs after each step (e.g. an evaluation); a string it returns
+    is logged."""
     t, c = cfg.training, cfg.checkpoint
     seed_everything(t.seed)
     model = build_model(cfg)
@@ -169,6 +172,10 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
                 if m.mfu is not None:
                     line += f" | MFU {100 * m.mfu:.1f}%"
             (bar.write if bar is not None else log)(line)
+        if on_step_end is not None:
+            note = on_step_end(model, m)
+            if note:
+                (bar.write if bar is not None else log)(note)
         if c.save_interval and (step + 1) % c.save_interval == 0 and step + 1 != t.max_steps:
             save(step + 1)
     if bar is not None:
