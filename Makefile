@@ -1,4 +1,4 @@
-# Quick start: `make demo` (op showcase now, tiny Qwen2.5-VL fine-tune later) and `make test`.
+# Quick start: `make demo` (tiny Qwen2.5-VL fine-tune on generated data) and `make test`.
 # Both create .venv, install torch ($(TORCH_SPEC)) and the build tools, build mmfuse, then run.
 TORCH_SPEC ?= torch==2.13.0
 PYTHON ?= python3
