@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.mmfuse-deps
 # swaps it for a multi-GB CUDA build; transformers is the test oracle only, never a runtime import.
 DEPS := numpy safetensors tokenizers pillow pyyaml tqdm \
         "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-        pytest psutil matplotlib "transformers>=4.49"
+        pytest psutil matplotlib "transformers==5.24.0"
 
 .PHONY: demo test build dev bench bench-quick clean
 
