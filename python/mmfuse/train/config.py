@@ -61,6 +61,7 @@ class LoggingSection:
     log_tps: bool = True                  # include tokens per second (real, unpadded tokens)
     log_jsonl: str = ""                   # metrics file, one JSON object per step (default save_dir/metrics.jsonl)
     progress: bool = True                 # show a progress bar on a terminal
+    tensorboard: bool = True              # also write TensorBoard scalars to save_dir/tensorboard when installed
 
 
 @dataclass

@@ -126,6 +126,7 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
     peak = device_peak_tflops(device, t.peak_tflops) * 1e12
     run_began = time.perf_counter()
     bar = _progress(cfg, start)
+    board = _tensorboard(cfg, save_dir)
 
     def save(step: int) -> None:
         state = {"tokens_seen": tokens_seen, "data": batches.state_dict()}
@@ -162,6 +163,9 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         history.append(m)
         with metrics_path.open("a") as f:
             f.write(json.dumps(asdict(m)) + "\n")
+        if board is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_peak_bytes"):
+                board.add_scalar(f"train/{key}", getattr(m, key), m.step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{m.loss:.4f}")
@@ -180,6 +184,8 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
             save(step + 1)
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     if start < t.max_steps:
         save(t.max_steps)
     if c.export_hf:
@@ -190,6 +196,17 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
             model.save_pretrained(final)
         log(f"exported {final}")
     return history
+
+
+def _tensorboard(cfg: RunConfig, save_dir: Path):
+    """A SummaryWriter when TensorBoard is installed and wanted (it is an optional extra)."""
+    if not cfg.logging.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(save_dir / "tensorboard"))
 
 
 def _progress(cfg: RunConfig, start: int):
