@@ -47,11 +47,14 @@ def test_demo_words_are_whole_tokens_and_special_ids_match_the_tiny_preset(demo)
     assert tok.token_id("<|image_pad|>") == cfg.image_token_id
 
 
-def test_cli_make_demo_writes_and_refuses_to_overwrite(tmp_path, capsys):
+def test_cli_make_demo_writes_a_ready_run_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["data", "make-demo", str(tmp_path), "--samples", "3"]) == 0
-    assert "wrote 3 samples" in capsys.readouterr().out
-    assert (tmp_path / "model" / "tokenizer.json").is_file() and len(list((tmp_path / "images").iterdir())) == 3
+    assert "wrote 3 training samples" in capsys.readouterr().out
+    model = tmp_path / "data" / "model"
+    assert (model / "tokenizer.json").is_file() and (model / "config.json").is_file()
+    assert (model / "model.safetensors").is_file() and (tmp_path / "train.yaml").is_file()
+    assert len(list((tmp_path / "data" / "images").iterdir())) == 3
     assert main(["data", "make-demo", str(tmp_path), "--samples", "3"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["data", "make-demo", str(tmp_path), "--samples", "2", "--force"]) == 0
-    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["00000.png", "00001.png"]
+    assert sorted(p.name for p in (tmp_path / "data" / "images").iterdir()) == ["00000.png", "00001.png"]

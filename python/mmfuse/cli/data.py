@@ -37,15 +37,16 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_make_demo(args: argparse.Namespace) -> int:
-    from mmfuse.data.demo_data import make_demo_dataset
+    from mmfuse.train.demo import make_demo_run
 
     try:
-        info = make_demo_dataset(args.dir, n_samples=args.samples, seed=args.seed, force=args.force)
+        run = make_demo_run(args.dir, n_train=args.samples, seed=args.seed, force=args.force)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {info.n_samples} samples to {info.data_file}, {info.n_images} images under {info.image_dir}, "
-          f"tokenizer in {info.model_dir}")
+    print(f"wrote {args.samples} training samples under {args.dir}/data, held-out samples under {run.eval_dir}, "
+          f"a tokenizer and a random-init tiny Qwen2.5-VL in {run.model_dir}, and the run config {run.train_yaml}\n"
+          f"next: mmfuse train {run.train_yaml}")
     return 0
 
 
@@ -85,13 +86,14 @@ def add_parser(sub) -> None:
     k.set_defaults(run=run_check)
 
     m = dsub.add_parser(
-        "make-demo", help="write a small, learnable image-question dataset and a tiny tokenizer",
-        description="Write DIR/mllm_data.json (MLLM format; use DIR as dataset_dir), DIR/images/*.png (one "
-                    "coloured shape per image, questions about its colour and shape) and DIR/model/ (a tiny "
-                    "tokenizer matching the 'tiny' model preset, and preprocessor_config.json). The same --seed "
-                    "gives the same files.")
+        "make-demo", help="write a small, learnable image-question dataset, a tiny model and its train.yaml",
+        description="Write DIR/data/mllm_data.json (MLLM format) with DIR/data/images/*.png (one coloured shape "
+                    "per image, questions about its colour and shape), a held-out split in DIR/eval/, "
+                    "DIR/data/model/ (a tiny tokenizer, preprocessor_config.json and a random-init tiny "
+                    "Qwen2.5-VL checkpoint in Hugging Face format) and DIR/train.yaml, a ready run config: "
+                    "`mmfuse train DIR/train.yaml`. The same --seed gives the same files.")
     m.add_argument("dir", help="output folder")
-    m.add_argument("--samples", type=int, default=256, help="number of samples (default 256)")
+    m.add_argument("--samples", type=int, default=512, help="number of training samples (default 512)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--force", action="store_true", help="overwrite an existing demo dataset in DIR")
     m.set_defaults(run=run_make_demo)
