@@ -181,17 +181,18 @@ def format_text(payload: dict) -> str:
     return "\n".join(parts)
 
 
-METHOD = """Method: one training step, fp32, of mmfuse's `Qwen2_5_VL` (samples packed into one stream)
-against transformers' `Qwen2_5_VLForConditionalGeneration` with `attn_implementation="sdpa"`, on the
-same weights (transformers' initialisation, saved once and loaded by every provider) and the same
-samples. transformers runs them one sample at a time (`hf_per_sample`, each loss divided by the
-batch's label-token count) and as one right-padded batch with `attention_mask` (`hf_padded`), both
-with `mm_token_type_ids`; the faster is the baseline. All compute the same mean loss (checked to
-rtol 1e-4). Times: median of round-robin reps after warmup; `fwd+bwd` sets gradients to None
-before each rep (untimed), `fwd+bwd+adamw` adds `AdamW(foreach=True).step()` and
-`zero_grad(set_to_none=True)`. FLOPs: `mmfuse.train.metrics.step_flops` (6·N per token per module
-plus attention), the same count credited to every provider; `% sgemm` against the fp32 GEMM rate
-(n×n×n, n below) of the same run. Memory: each provider in a fresh process; peak RSS growth = VmHWM (reset with
+METHOD = """Method: one training step, fp32, of mmfuse's `Qwen2_5_VL` (samples packed into one
+stream) against transformers' `Qwen2_5_VLForConditionalGeneration` with
+`attn_implementation="sdpa"`, on the same weights (transformers' initialisation, saved once and
+loaded by every provider) and the same samples. transformers runs them one sample at a time
+(`hf_per_sample`, each loss divided by the batch's label-token count) and as one right-padded batch
+with `attention_mask` (`hf_padded`), both with `mm_token_type_ids`; the faster is the baseline. All
+compute the same mean loss (checked to rtol 1e-4). Times: median of round-robin reps after warmup;
+`fwd+bwd` sets gradients to None before each rep (untimed), `fwd+bwd+adamw` adds
+`AdamW(foreach=True).step()` and `zero_grad(set_to_none=True)`. FLOPs:
+`mmfuse.train.metrics.step_flops` (6·N per token per module plus attention), the same count
+credited to every provider; `% sgemm` against the fp32 GEMM rate (n×n×n, n below) of the same run.
+Memory: each provider in a fresh process; peak RSS growth = VmHWM (reset with
 `/proc/self/clear_refs` after model and inputs are built) minus the RSS then, over 2 steps; live
 tensors = peak of the CPU allocator's live bytes above the step's start (torch.profiler
 `profile_memory`), which leaves out parameters and optimizer state allocated before the step."""
@@ -207,6 +208,11 @@ def render_markdown(payload: dict) -> str:
         parts += ["**Quick run (small inputs, few reps): a smoke test of the benchmark, not a measurement.**", ""]
     parts += _env_lines(payload)
     env = payload["environments"][0]
+    load = (env.get("load_average") or [0.0])[0]
+    if load >= 1.0:
+        # Other processes shared the cores: the times of this run are indicative, the memory is not affected.
+        parts += [f"- **Loaded machine:** load average {load:.1f} on {env.get('usable_cpus')} CPUs when the run "
+                  "started; times are indicative only (peak memory does not depend on it)"]
     parts += [f"- **transformers** {env.get('transformers')}; **timing:** {s['warmup']} warmup, up to {s['reps']} "
               f"reps per provider (at most {s['max_time_s']} s each); GEMM n = {env.get('sgemm_n')}; seed {s['seed']}",
               "", METHOD, "", "#### Targets", "",
