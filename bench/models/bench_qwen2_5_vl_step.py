@@ -39,7 +39,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.models import step_tables  # noqa: E402
+from bench.models.peak_memory import PeakRss, live_tensor_peak  # noqa: E402
 from bench.models.step_tables import (FWD_BWD, HF_PADDED, HF_PER_SAMPLE, MMFUSE, MODES, SCHEMA,  # noqa: E402
                                       WITH_ADAMW)
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
@@ -307,67 +307,6 @@ def profile_step(provider: str, model, batch: Batch, top: int = 15) -> dict:
 
 # ---- peak memory (run in a subprocess per provider and size) -----------------------------------
 
-class PeakRss:
-    """The process's peak RSS since the last reset, in bytes: VmHWM after `clear_refs` 5 where the
-    kernel allows it (Linux >= 4.0), else ru_maxrss (never reset)."""
-
-    def __init__(self):
-        self.resettable = False
-
-    def reset(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-
-    @staticmethod
-    def _status_kib(field: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return None
-
-    def current(self) -> int:
-        kib = self._status_kib("VmRSS")
-        if kib is None:
-            import psutil
-            return psutil.Process().memory_info().rss
-        return kib * 1024
-
-    def peak(self) -> int:
-        kib = self._status_kib("VmHWM") if self.resettable else None
-        if kib is None:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return rss if sys.platform == "darwin" else rss * 1024
-        return kib * 1024
-
-    @property
-    def method(self) -> str:
-        return "VmHWM after clear_refs reset" if self.resettable else "ru_maxrss (not resettable)"
-
-
-def live_tensor_peak(fn: Callable) -> int:
-    """Highest sum of live tensor bytes above the start while `fn` runs, from the CPU allocator's
-    events under torch.profiler(profile_memory=True)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def measure_memory(provider: str, size: str, weights_dir: Path, seed: int, quick: bool, steps: int = 2) -> dict:
     """Peak memory of `steps` fwd+bwd steps, then of `steps` fwd+bwd+AdamW steps, in this process;
     meant to run in a fresh process per provider and size (see the module docstring)."""
@@ -376,7 +315,7 @@ def measure_memory(provider: str, size: str, weights_dir: Path, seed: int, quick
     batch = build_batch(cfg, QUICK_LAYOUT if quick else LAYOUTS[size], seed)
     gc.collect()
     rss = PeakRss()
-    built_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    built_maxrss = PeakRss.maxrss()
     baseline = rss.current()
     out = {"provider": provider, "size": size, "baseline_rss_bytes": baseline}
 
