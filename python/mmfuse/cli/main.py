@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.unknown = unknown   # `mmfuse train` reports MindSpeed-style flags it does not know by name
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if argv is None and len(sys.argv) <= 1 else 2

@@ -125,17 +125,26 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return _from_raw(raw, overrides, p.parent)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], base: str | Path | None = None) -> RunConfig:
+    """A copy of `cfg` with dotted-key overrides applied (relative paths against `base`, default the
+    working directory), validated."""
+    return _from_raw(to_dict(cfg), overrides, Path(base) if base is not None else Path.cwd())
+
+
+def _from_raw(raw: dict[str, Any], overrides: dict[str, Any] | None, base: Path) -> RunConfig:
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    try:
-        cfg = build(RunConfig, raw)
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from None
-    base = p.parent
+    cfg = build(RunConfig, raw)
     cfg.model.pretrained = _resolve(base, cfg.model.pretrained)
     cfg.checkpoint.save_dir = _resolve(base, cfg.checkpoint.save_dir)
     cfg.logging.log_jsonl = _resolve(base, cfg.logging.log_jsonl)
@@ -147,10 +156,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         cfg.data["dataset"] = [_resolve(base, d) for d in cfg.data["dataset"]]
     elif isinstance(cfg.data.get("dataset"), str):
         cfg.data["dataset"] = _resolve(base, cfg.data["dataset"])
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from None
+    cfg.validate()
     return cfg
 
 
