@@ -40,6 +40,13 @@ def test_config_errors_name_the_field_and_exit_2(demo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["train"], ["plot"], ["demo"], ["showcase"], ["data", "make-demo"]])
-def test_help_explains_each_command(command):
-    out = subprocess.run([sys.executable, "-m", "mmfuse", *command, "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "usage:" in out.stdout and len(out.stdout) > 200
+def test_help_explains_each_command(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage:" in out and len(out) > 200
+
+
+def test_python_dash_m_is_the_same_cli():
+    out = subprocess.run([sys.executable, "-m", "mmfuse", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: mmfuse train" in out.stdout
