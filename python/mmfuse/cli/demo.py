@@ -75,8 +75,8 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--dir", default="runs/demo", help="folder for the demo data, checkpoint and curves "
                                                        "(default runs/demo; regenerated each time)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--eval-interval", type=int, default=100, help="held-out evaluation every N steps")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--eval-interval", type=int, default=200, help="held-out evaluation every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(run=run)
 
