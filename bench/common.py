@@ -109,13 +109,68 @@ def copy_bandwidth_measurements() -> dict[str, float]:
     return {str(k): v for k, v in sorted(_copy_cache.items())}
 
 
+_gemm_cache: dict[int, float] = {}
+
+
 def sgemm_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
-    """fp32 GEMM rate in GFLOP/s (2·n³ per n×n×n product, into a preallocated output)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    c = torch.empty(n, n)
-    t = time_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, reps=reps)
-    return 2 * n**3 / (t["p50_ms"] * 1e-3) / 1e9
+    """fp32 GEMM rate in GFLOP/s (2·n³ per n×n×n product, into a preallocated output), p50.
+    Cached per size for the process, so the run's header and its compute-bound rooflines use one
+    measurement."""
+    if n not in _gemm_cache:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        c = torch.empty(n, n)
+        t = time_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, reps=reps)
+        _gemm_cache[n] = 2 * n**3 / (t["p50_ms"] * 1e-3) / 1e9
+    return _gemm_cache[n]
+
+
+# ---- peak memory -------------------------------------------------------------------------------
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> dict:
+    """Run `fn` once; returns how far the resident set rose above its level before the call
+    (`extra_bytes`), the time taken and the method used.
+
+    torch's CPU tensors come from malloc/mmap, invisible to tracemalloc, so this reads the kernel's
+    accounting: the resident-set high-water mark is reset to the current RSS (writing 5 to
+    /proc/self/clear_refs, Linux >= 4.0), then extra = VmHWM after - VmRSS before. Where the reset is
+    not allowed, the growth of ru_maxrss is used instead, which under-counts whenever the process
+    was already higher before the call (e.g. a temporary while building the inputs)."""
+    import resource
+
+    gc.collect()
+    rss_before = _proc_status_bytes("VmRSS")
+    method = "VmHWM after reset (/proc/self/clear_refs 5) - VmRSS before"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        method = "ru_maxrss growth (high-water mark not resettable here; may under-count)"
+        rss_before = None
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    hwm = _proc_status_bytes("VmHWM")
+    if rss_before is not None and hwm is not None:
+        extra = hwm - rss_before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - maxrss_before
+    del out
+    return {"extra_bytes": extra, "rss_before_bytes": rss_before if rss_before is not None else maxrss_before,
+            "seconds": seconds, "method": method}
 
 
 # ---- environment -------------------------------------------------------------------------------
