@@ -255,7 +255,9 @@ def _peak_child(spec: dict) -> dict:
 
     def prepared(quick, shape):
         case = module.cases(spec["op"], quick, [dtype], shape)[0]
-        prov = next(p for p in case.providers if p.name == spec["provider"])
+        prov = next((p for p in case.providers if p.name == spec["provider"]), None)
+        if prov is None:
+            raise ValueError(f"{spec['op']} has no provider {spec['provider']!r}")
         if prov.fn is None:
             raise RuntimeError(f"skipped: {prov.skip}")
         inputs = case.make_inputs()

@@ -90,7 +90,8 @@ from different runs.
   >= 1.2x `sdpa_loop`; vision windows >= 5x `hf_window_loop`; linear_cross_entropy fwd+bwd time
   <= 1.1x and peak extra memory <= 1/4 of `F.linear` + `F.cross_entropy`.
 - **Reproduce.** `make dev`, then `PYTHONPATH=python:. python bench/run_all.py` (the command of each
-  result is printed below), `python bench/plot.py RESULTS.json`, `python bench/report.py RESULTS.json`.
+  result is printed below), `python bench/plot.py RESULTS.json`, `python bench/report.py RESULTS.json
+  [MORE.json ...]` (one section per file).
   `make bench-quick` (or `--quick`) runs small shapes in about a minute to check the harness; its
   timings mean nothing. On a machine whose cores are shared, use `--threads 1`: an OpenMP barrier
   waits for a descheduled thread, which turned a 8 MiB copy from ~27 GB/s into ~2 GB/s at 2 threads
@@ -127,8 +128,10 @@ def _env_lines(results: dict) -> list[str]:
             alloc_txt += ", env " + ", ".join(f"{k}={v}" for k, v in alloc["env"].items())
         copy = ", ".join(f"{int(k) / 2**20:.0f} MiB {v:.1f} GB/s" for k, v in (env.get("copy_gbps") or {}).items())
         extra = f"; env {env['env']}" if env.get("env") else ""
+        end = f", at end {env['load_average_end']}" if env.get("load_average_end") else ""
         lines.append(f"- **{env.get('threads')} threads, allocator {alloc_txt}** (THP "
-                     f"{alloc.get('transparent_hugepage')}{extra}; load average at start {env.get('load_average')}): "
+                     f"{alloc.get('transparent_hugepage')}{extra}; "
+                     f"load average at start {env.get('load_average')}{end}): "
                      f"copy bandwidth {copy or '-'}; fp32 GEMM {env.get('sgemm_gflops', 0):.0f} GFLOP/s")
     return lines
 

@@ -6,7 +6,7 @@ Writes every measurement to a JSON file (machine, versions, commit, date and the
 prints one table per op and the targets check (met / NOT met, with the numbers).
 
 examples:
-  PYTHONPATH=python:. python bench/run_all.py --quick             # smoke run, small shapes (a few min)
+  PYTHONPATH=python:. python bench/run_all.py --quick             # smoke run, small shapes (~1 min)
   PYTHONPATH=python:. python bench/run_all.py                     # issue shapes, fp32 + bf16
   PYTHONPATH=python:. python bench/run_all.py --ops rms_norm --dtypes fp32 --modes fwd+bwd
   PYTHONPATH=python:. python bench/run_all.py --allocator both --threads 1,2
@@ -181,6 +181,8 @@ def run_here(args, allocator: str, threads: int | None) -> dict:
                                               progress=say)
     env["copy_gbps"] = common.copy_bandwidth_measurements()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
+    # Other processes may start during a long run: the load at the end tells whether it stayed quiet.
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "command": args.command or command_line(), "created_utc": common.utc_now(),
             "settings": settings_of(args), "environments": [env], "records": records, "memory": memory,
             "notes": {c.op: c.note for c in cases if c.note}}
