@@ -1,4 +1,4 @@
-# Quick start: `make demo` (op showcase now, tiny Qwen2.5-VL fine-tune later) and `make test`.
+# Quick start: `make demo` (tiny Qwen2.5-VL fine-tune on generated data) and `make test`.
 # Both create .venv, install torch ($(TORCH_SPEC)) and the build tools, build mmfuse, then run.
 TORCH_SPEC ?= torch==2.13.0
 PYTHON ?= python3
@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.mmfuse-deps
 # swaps it for a multi-GB CUDA build; transformers is the test oracle only, never a runtime import.
 DEPS := numpy safetensors tokenizers pillow pyyaml tqdm \
         "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-        pytest psutil matplotlib "transformers>=4.49"
+        pytest psutil matplotlib "transformers==5.24.0"
 
 .PHONY: demo test build dev bench bench-quick clean
 

@@ -125,54 +125,6 @@ def sgemm_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
     return _gemm_cache[n]
 
 
-# ---- peak memory -------------------------------------------------------------------------------
-
-def _proc_status_bytes(field: str) -> int | None:
-    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_growth(fn: Callable[[], object]) -> dict:
-    """Run `fn` once; returns how far the resident set rose above its level before the call
-    (`extra_bytes`), the time taken and the method used.
-
-    torch's CPU tensors come from malloc/mmap, invisible to tracemalloc, so this reads the kernel's
-    accounting: the resident-set high-water mark is reset to the current RSS (writing 5 to
-    /proc/self/clear_refs, Linux >= 4.0), then extra = VmHWM after - VmRSS before. Where the reset is
-    not allowed, the growth of ru_maxrss is used instead, which under-counts whenever the process
-    was already higher before the call (e.g. a temporary while building the inputs)."""
-    import resource
-
-    gc.collect()
-    rss_before = _proc_status_bytes("VmRSS")
-    method = "VmHWM after reset (/proc/self/clear_refs 5) - VmRSS before"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        method = "ru_maxrss growth (high-water mark not resettable here; may under-count)"
-        rss_before = None
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    hwm = _proc_status_bytes("VmHWM")
-    if rss_before is not None and hwm is not None:
-        extra = hwm - rss_before
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - maxrss_before
-    del out
-    return {"extra_bytes": extra, "rss_before_bytes": rss_before if rss_before is not None else maxrss_before,
-            "seconds": seconds, "method": method}
-
-
 # ---- environment -------------------------------------------------------------------------------
 
 def _cpuinfo_fields(names: tuple[str, ...]) -> dict[str, str]:

@@ -10,11 +10,12 @@ GEMM rate measured in this run instead, and its records carry GFLOP/s and the fr
 
 Peak memory is not a mode: `peak_memory_records` runs one fwd+bwd per provider, each in a fresh
 subprocess (so one provider's high-water mark cannot hide another's), and reports how far the
-resident set rose above the inputs (`common.peak_rss_growth`).
+resident set rose above the inputs (`peak_rss_growth`).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import REPO_ROOT, copy_bandwidth_gbps, peak_rss_growth, sgemm_gflops, time_ms
+from bench.common import REPO_ROOT, copy_bandwidth_gbps, sgemm_gflops, time_ms
+from bench.models.peak_memory import PeakRss
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -239,6 +241,21 @@ def _memory_record(spec: dict, status: str, reason: str | None = None, **kw) -> 
                reason=reason, threads=spec["threads"])
     rec.update(kw)
     return rec
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> dict:
+    """Run `fn` once; how far the resident set rose above its level just before (`extra_bytes`),
+    with the time taken and the method. torch's CPU tensors are invisible to tracemalloc, so this
+    reads the kernel's high-water mark, reset right before the call (`PeakRss`)."""
+    rss = PeakRss()
+    gc.collect()
+    before = rss.current()
+    rss.reset()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return {"extra_bytes": rss.peak() - before, "rss_before_bytes": before, "seconds": seconds,
+            "method": f"{rss.method} - VmRSS before"}
 
 
 def _peak_child(spec: dict) -> dict:

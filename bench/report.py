@@ -2,7 +2,9 @@
 exact command, the targets check, one table per op and shape, and the peak-memory tables. Only the
 text between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers is replaced; the file (with
 its methodology section) is created when missing. Several results files become one section each,
-so a run of some ops does not replace the tables of another:
+so a run of some ops does not replace the tables of another. A training-step result of
+bench/models/bench_qwen2_5_vl_step.py goes between `<!-- bench-step:begin -->` and
+`<!-- bench-step:end -->` instead (appended to the file when those markers are missing).
 
   python bench/report.py bench/results/cpu-2026-11-28-b266703-default.json [MORE.json ...] \
       [--doc docs/performance.md]
@@ -19,9 +21,15 @@ if __package__ in (None, ""):
 
 from bench import tables, targets  # noqa: E402
 from bench.common import REPO_ROOT, read_json  # noqa: E402
+from bench.models import step_tables  # noqa: E402
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
+# Model training-step results (bench/models/) have a block of their own, so writing them never
+# replaces the op tables, and writing op tables never replaces them.
+STEP_BEGIN = "<!-- bench-step:begin -->"
+STEP_END = "<!-- bench-step:end -->"
+STEP_HEADING = "### Qwen2.5-VL training step"
 DEFAULT_DOC = REPO_ROOT / "docs" / "performance.md"
 
 INTRO = f"""# Performance
@@ -176,15 +184,18 @@ def render(results: dict, doc_dir: Path, images: bool | set[str] = True) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def update_doc(doc: Path, body: str) -> None:
-    """Replace the text between the markers in `doc` (created with the methodology when missing)."""
+def update_doc(doc: Path, body: str, begin: str = BEGIN, end: str = END, heading: str | None = None) -> None:
+    """Replace the text between the markers in `doc` (created with the methodology when missing).
+    With `heading`, markers missing from the doc are appended under that heading at its end."""
     text = doc.read_text(encoding="utf-8") if doc.exists() else INTRO
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{doc}: needs one '{BEGIN}' line followed by one '{END}' line")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if heading and begin not in text and end not in text:
+        text = f"{text.rstrip()}\n\n{heading}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise SystemExit(f"{doc}: needs one '{begin}' line followed by one '{end}' line")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(f"{head}{BEGIN}\n{body}{END}{tail}", encoding="utf-8")
+    doc.write_text(f"{head}{begin}\n{body}{end}{tail}", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
                         "goes with the first file that has the op")
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=f"default: {DEFAULT_DOC}")
     args = p.parse_args(argv)
+    step_runs = [r for r in map(read_json, args.results) if r.get("schema") == step_tables.SCHEMA]
+    if step_runs:
+        update_doc(args.doc, "\n".join(map(step_tables.render_markdown, step_runs)), STEP_BEGIN, STEP_END,
+                   STEP_HEADING)
+        args.results = [p for p in args.results if read_json(p).get("schema") != step_tables.SCHEMA]
+        if not args.results:
+            print(f"wrote {args.doc}")
+            return 0
     if len(args.results) == 1:
         body = render(read_json(args.results[0]), args.doc.parent)
     else:

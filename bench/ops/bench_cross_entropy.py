@@ -16,7 +16,7 @@ Baselines: PyTorch eager (`F.cross_entropy`, `F.linear` + `F.cross_entropy`) and
 
 Peak memory of linear_cross_entropy (run by run_all along with the timings, not a harness mode):
 one fwd+bwd per provider, each in a fresh subprocess, reporting how far the resident set rose
-above the inputs (`common.peak_rss_growth`; the gradients the step returns are included and shown
+above the inputs (`harness.peak_rss_growth`; the gradients the step returns are included and shown
 apart). `python -m bench.ops.bench_cross_entropy --memory [--quick]` runs only that;
 `python -m bench.ops.bench_cross_entropy --quick` runs the timing cases alone.
 """

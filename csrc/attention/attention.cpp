@@ -456,7 +456,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()), dVb(new M_[kBK * Dp]()),
         rowb(new M_[Dp]);
     M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
-#pragma omp for schedule(dynamic, 1)
+    // static round-robin, not dynamic: which thread's dQ partial an item lands in must not depend
+    // on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks).
+#pragma omp for schedule(static, 1)
     for (int64_t item = 0; item < kitems; ++item) {
       const int64_t t = item % ktiles.count, hk = item / ktiles.count, b = ktiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];

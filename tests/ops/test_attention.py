@@ -194,3 +194,23 @@ def test_torch_compile_smoke():
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_backward_is_bitwise_repeatable_with_several_threads():
+    """dQ partials are summed in a fixed order, so training on the CPU resumes bit for bit."""
+    torch.manual_seed(0)
+    q = torch.randn(300, 4, 32, requires_grad=True)
+    k = torch.randn(300, 2, 32, requires_grad=True)
+    v = torch.randn(300, 2, 32, requires_grad=True)
+    cu = torch.tensor([0, 170, 300], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        grads = []
+        for _ in range(8):
+            out = attention(q, k, v, cu, cu, 170, 170, causal=True)
+            grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import demo, info
+from mmfuse.cli import data, demo, info, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,12 +16,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
     demo.add_parser(sub)
+    train.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.unknown = unknown   # `mmfuse train` reports MindSpeed-style flags it does not know by name
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if argv is None and len(sys.argv) <= 1 else 2

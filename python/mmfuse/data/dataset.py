@@ -1,0 +1,122 @@
+"""The configured dataset: MLLM files -> validated samples -> (images, videos, chat template) ->
+ProcessedSample. Structure and file existence are checked for every sample when the dataset is
+built; decoding and tokenising happen per sample when it is read. A bad sample is skipped and
+counted in `report` with its file and index; reading never raises for one sample."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mmfuse.data.config import DataConfig, load_data_config
+from mmfuse.data.media import load_image, load_video
+from mmfuse.data.mllm import MLLMSample, load_samples
+from mmfuse.data.packing import ProcessedSample
+from mmfuse.data.report import SampleError, SkipReport
+from mmfuse.data.template import get_template
+from mmfuse.data.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "ImageProcessor", "MLLMDataset", "default_processor", "load_data_config"]
+
+
+class ImageProcessor(Protocol):
+    """What the dataset needs from a Qwen2-VL image processor."""
+    merge_size: int
+    temporal_patch_size: int
+
+    def __call__(self, images=None, videos=None) -> dict[str, Any]:
+        """pixel_values [P, D] + image_grid_thw [N, 3] for images; pixel_values_videos +
+        video_grid_thw for videos (each video a list of PIL frames)."""
+
+
+def default_processor(model_dir: str | None) -> ImageProcessor:
+    """mmfuse's Qwen2VLImageProcessor with the settings of `<model_dir>/preprocessor_config.json`
+    when there is one (else the Qwen2.5-VL defaults)."""
+    from mmfuse.data.image_processor import Qwen2VLImageProcessor  # imported here: tests inject a fake
+
+    if model_dir and (Path(model_dir) / "preprocessor_config.json").is_file():
+        return Qwen2VLImageProcessor.from_pretrained(model_dir)
+    return Qwen2VLImageProcessor()
+
+
+class MLLMDataset:
+    """Samples of the files in `config.dataset`, processed on demand. `tokenizer` and `processor`
+    default to the ones in `config.model_dir`."""
+
+    def __init__(self, config: DataConfig, tokenizer: Tokenizer | None = None,
+                 processor: ImageProcessor | None = None, report: SkipReport | None = None):
+        config.validate(need_tokenizer=tokenizer is None)
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_dir(config.model_dir)
+        self.processor = processor if processor is not None else default_processor(config.model_dir)
+        self.template = get_template(config.template, self.tokenizer,
+                                     merge_size=getattr(self.processor, "merge_size", 2))
+        self.report = report if report is not None else SkipReport()
+        self.samples: list[MLLMSample] = []
+        for path in config.dataset_files():
+            self.samples += load_samples(path, config.attr, config.dataset_dir, check_files=True,
+                                         max_samples=config.max_samples, report=self.report)
+        self._bad: set[int] = set()    # indices already counted as skipped (count each sample once)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def process(self, sample: MLLMSample) -> ProcessedSample:
+        """Decode media, run the processor and the template; SampleError if the sample is unusable."""
+        cfg = self.config
+        out: dict[str, Any] = {}
+        if sample.images:
+            images = [load_image(p, cfg.image_min_pixels, cfg.image_max_pixels) for p in sample.images]
+            out.update(self._run_processor(images=images))
+        if sample.videos:
+            loaded = [load_video(p, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_fps, cfg.video_maxlen)
+                      for p in sample.videos]
+            out.update(self._run_processor(videos=[frames for frames, _ in loaded]))
+            temporal = getattr(self.processor, "temporal_patch_size", 2)
+            out["second_per_grid_ts"] = torch.tensor([temporal / rate for _, rate in loaded], dtype=torch.float32)
+        encoded = self.template.encode(sample.messages, sample.system, image_grid_thw=out.get("image_grid_thw"),
+                                       video_grid_thw=out.get("video_grid_thw"), cutoff_len=cfg.cutoff_len,
+                                       train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
+        return ProcessedSample(
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.int64),
+            labels=torch.tensor(encoded.labels, dtype=torch.int64),
+            pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"),
+            pixel_values_videos=out.get("pixel_values_videos"), video_grid_thw=out.get("video_grid_thw"),
+            second_per_grid_ts=out.get("second_per_grid_ts"), where=sample.where)
+
+    def _run_processor(self, **media) -> dict[str, torch.Tensor]:
+        (kind, items), = media.items()
+        result = self.processor(**media)
+        prefix = "" if kind == "images" else "_videos"
+        pixels = torch.as_tensor(result[f"pixel_values{prefix}"])
+        grid = torch.as_tensor(result["image_grid_thw" if kind == "images" else "video_grid_thw"]).to(torch.int64)
+        grid = grid.reshape(-1, 3)
+        if grid.shape[0] != len(items) or int(grid.prod(-1).sum()) != pixels.shape[0]:
+            raise SampleError("processor_mismatch", f"image processor returned {grid.shape[0]} grids / "
+                                                    f"{pixels.shape[0]} patch rows for {len(items)} {kind}")
+        return {f"pixel_values{prefix}": pixels, ("image_grid_thw" if kind == "images" else "video_grid_thw"): grid}
+
+    def load(self, index: int) -> ProcessedSample | None:
+        """The processed sample, or None if it is unusable (counted in `report` the first time)."""
+        if index in self._bad:
+            return None
+        sample = self.samples[index]
+        try:
+            return self.process(sample)
+        except SampleError as err:
+            self._bad.add(index)
+            self.report.add_error(err, sample.where)
+            return None
+        except Exception as exc:   # e.g. a processor failing on an odd image: count it, keep training
+            self._bad.add(index)
+            self.report.add("processing_error", sample.where, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def __iter__(self) -> Iterator[ProcessedSample]:
+        for i in range(len(self)):
+            item = self.load(i)
+            if item is not None:
+                yield item

@@ -1,0 +1,38 @@
+"""Image and video reading before the processor: MindSpeed-MM's pixel bounds and size fixes."""
+
+import numpy as np
+from PIL import Image
+
+from mmfuse.data.media import load_video, regularize_image, sample_indices
+
+
+def test_large_images_are_scaled_under_max_pixels_and_small_ones_over_min_pixels():
+    big = regularize_image(Image.new("RGB", (640, 480)), 0, 262144)
+    assert big.size == (591, 443) and big.width * big.height <= 262144
+    small = regularize_image(Image.new("RGB", (40, 30)), 56 * 56, 262144)
+    assert small.size == (64, 48)
+
+
+def test_mode_sides_and_aspect_ratio_are_fixed():
+    assert regularize_image(Image.new("RGBA", (64, 64)), 0, 10**6).mode == "RGB"
+    assert regularize_image(Image.new("L", (10, 64)), 0, 10**6).size == (28, 64)
+    assert regularize_image(Image.new("RGB", (28 * 201, 28)), 0, 10**7).size == (28 * 180, 28)
+
+
+def test_nearest_resampling_keeps_colours_exact():
+    im = Image.new("RGB", (100, 100), (200, 10, 30))
+    im.paste((0, 0, 255), (0, 0, 50, 100))
+    out = regularize_image(im, 0, 50 * 50)
+    colours = {tuple(c) for c in np.asarray(out).reshape(-1, 3).tolist()}
+    assert colours == {(200, 10, 30), (0, 0, 255)}
+
+
+def test_frame_folders_are_sampled_to_maxlen_and_made_even(tmp_path):
+    for i in range(9):
+        Image.new("RGB", (32, 32), (i, i, i)).save(tmp_path / f"{i:03d}.png")
+    frames, fps = load_video(tmp_path, 0, 10**6, fps=2.0, maxlen=5)
+    assert len(frames) == 6 and fps == 2.0
+    assert [f.getpixel((0, 0))[0] for f in frames] == [0, 2, 4, 6, 8, 8]
+    picked = sample_indices(100, 10.0, 2.0, 64)   # 10 s at 2 fps: 20 frames spread over 100
+    assert len(picked) == 20 and picked[0] == 0 and picked[-1] == 99
+    assert len(sample_indices(1000, 100.0, 2.0, 64)) == 64
