@@ -109,13 +109,20 @@ def copy_bandwidth_measurements() -> dict[str, float]:
     return {str(k): v for k, v in sorted(_copy_cache.items())}
 
 
+_gemm_cache: dict[int, float] = {}
+
+
 def sgemm_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
-    """fp32 GEMM rate in GFLOP/s (2·n³ per n×n×n product, into a preallocated output)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    c = torch.empty(n, n)
-    t = time_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, reps=reps)
-    return 2 * n**3 / (t["p50_ms"] * 1e-3) / 1e9
+    """fp32 GEMM rate in GFLOP/s (2·n³ per n×n×n product, into a preallocated output), p50.
+    Cached per size for the process, so the run's header and its compute-bound rooflines use one
+    measurement."""
+    if n not in _gemm_cache:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        c = torch.empty(n, n)
+        t = time_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, reps=reps)
+        _gemm_cache[n] = 2 * n**3 / (t["p50_ms"] * 1e-3) / 1e9
+    return _gemm_cache[n]
 
 
 # ---- environment -------------------------------------------------------------------------------

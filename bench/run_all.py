@@ -1,5 +1,6 @@
 """Run the CPU op benchmarks: mmfuse against the HF eager code, PyTorch's fused op (where there is
-one), torch.compile of the HF code and the roofline, all measured in one run on one machine.
+one), torch.compile of the HF code, the op-specific baselines (SDPA layouts for attention) and the
+roofline, all measured in one run on one machine; plus the peak memory of the ops that declare it.
 
 Writes every measurement to a JSON file (machine, versions, commit, date and the command included),
 prints one table per op and the targets check (met / NOT met, with the numbers).
@@ -9,7 +10,9 @@ examples:
   PYTHONPATH=python:. python bench/run_all.py                     # issue shapes, fp32 + bf16
   PYTHONPATH=python:. python bench/run_all.py --ops rms_norm --dtypes fp32 --modes fwd+bwd
   PYTHONPATH=python:. python bench/run_all.py --allocator both --threads 1,2
-then: python bench/plot.py RESULTS.json ; python bench/report.py RESULTS.json
+  PYTHONPATH=python:. python bench/run_all.py --ops attention_varlen,attention_windows,cross_entropy,\
+      linear_cross_entropy --dtypes fp32 --tag attention-ce    # the attention / cross-entropy issue
+then: python bench/plot.py RESULTS.json ; python bench/report.py RESULTS.json [MORE.json ...]
 """
 
 from __future__ import annotations
@@ -83,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "before anything is timed; both: one subprocess per setting, so the default run is not "
                         "affected by the tuned one (default: default)")
     p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default: bench/results/cpu-<date>-<commit>.json, with -quick for --quick)")
+                   help="results JSON (default: bench/results/cpu-<date>-<commit>[-TAG].json, with -quick for "
+                        "--quick)")
+    p.add_argument("--tag", default=None, help="suffix of the default results file name (e.g. attention-ce)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurements (one subprocess per provider; ops: "
+                        f"{', '.join(op for op in ALL_OPS if op in getattr(OP_MODULES[op], 'MEMORY', {}))})")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default: 3, quick 1)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default: 30, quick 5)")
     p.add_argument("--max-time", type=float, default=None, metavar="S",
@@ -103,10 +111,10 @@ def command_line() -> str:
     return shlex.join(env + argv) if env else shlex.join(argv)
 
 
-def default_out(quick: bool) -> Path:
+def default_out(quick: bool, tag: str | None = None) -> Path:
     commit, _ = common.git_commit()
-    date = time.strftime("%Y%m%d", time.gmtime())
-    name = f"cpu-{date}-{commit or 'nogit'}{'-quick' if quick else ''}.json"
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    name = f"cpu-{date}-{commit or 'nogit'}{f'-{tag}' if tag else ''}{'-quick' if quick else ''}.json"
     return common.REPO_ROOT / "bench" / "results" / name
 
 
@@ -120,7 +128,7 @@ def timing_for(args) -> harness.Timing:
 def settings_of(args) -> dict:
     t = timing_for(args)
     return {"ops": args.ops, "dtypes": args.dtypes, "modes": args.modes, "quick": args.quick,
-            "threads": args.threads, "allocator": args.allocator,
+            "threads": args.threads, "allocator": args.allocator, "memory": not args.no_memory,
             "warmup": t.warmup, "reps": t.reps, "max_time_s": t.max_time_s}
 
 
@@ -153,18 +161,30 @@ def run_here(args, allocator: str, threads: int | None) -> dict:
 
     dtypes = [harness.DTYPES[d] for d in args.dtypes]
     cases = [c for op in args.ops for c in OP_MODULES[op].cases(op, args.quick, dtypes)]
-    total = sum(len(c.providers) for c in cases) * len(args.modes)
+    # Peak memory is measured under the default allocator only: a tuned one keeps freed memory
+    # resident, which is not what the measurement is about.
+    memory_ops = [] if args.no_memory or allocator != "default" else \
+        [(op, OP_MODULES[op].MEMORY[op]) for op in args.ops if op in getattr(OP_MODULES[op], "MEMORY", {})]
+    total = sum(len(c.providers) for c in cases) * len(args.modes) + \
+        sum(len(providers) for _, providers in memory_ops) * len(dtypes)
     say = harness.stderr_progress(total)
     t0 = time.perf_counter()
     env["sgemm_gflops"] = common.sgemm_gflops(512 if args.quick else 2048)
     records = []
     timing = timing_for(args)
     for case in cases:
-        records += harness.run_case(case, args.modes, timing, allocator=allocator, progress=say)
+        records += harness.run_case(case, args.modes, timing, allocator=allocator, progress=say,
+                                    gemm_gflops=env["sgemm_gflops"])
+    memory = []
+    for op, providers in memory_ops:
+        memory += harness.peak_memory_records(OP_MODULES[op].__name__, op, dtypes, providers, args.quick,
+                                              progress=say)
     env["copy_gbps"] = common.copy_bandwidth_measurements()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
+    # Other processes may start during a long run: the load at the end tells whether it stayed quiet.
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "command": args.command or command_line(), "created_utc": common.utc_now(),
-            "settings": settings_of(args), "environments": [env], "records": records,
+            "settings": settings_of(args), "environments": [env], "records": records, "memory": memory,
             "notes": {c.op: c.note for c in cases if c.note}}
 
 
@@ -185,6 +205,8 @@ def run_children(args, combos: list[tuple[str, int | None]]) -> dict:
                 argv.append("--quick")
             if args.no_tables:
                 argv.append("--no-tables")
+            if args.no_memory:
+                argv.append("--no-memory")
             for flag, value in (("--warmup", args.warmup), ("--reps", args.reps), ("--max-time", args.max_time)):
                 if value is not None:
                     argv += [flag, str(value)]
@@ -197,6 +219,7 @@ def run_children(args, combos: list[tuple[str, int | None]]) -> dict:
             else:
                 merged["environments"] += part["environments"]
                 merged["records"] += part["records"]
+                merged["memory"] += part.get("memory", [])
     merged["settings"] = settings_of(args)
     merged["command"] = command
     return merged
@@ -224,17 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     allocators = ["default", "tuned"] if args.allocator == "both" else [args.allocator]
     threads = args.threads or [None]
     combos = [(a, t) for a in allocators for t in threads]
-    out = args.out or default_out(args.quick)
+    out = args.out or default_out(args.quick, args.tag)
     if len(combos) > 1:
         payload = run_children(args, combos)
     else:
         payload = run_here(args, *combos[0])
-    payload["targets"] = targets.check(payload["records"])
+    payload["targets"] = targets.check(payload["records"], payload["memory"])
     path = common.write_json(out, payload)
 
     if len(combos) == 1 and not args.no_tables:
         print()
         print(tables.format_text(payload["records"]))
+        if payload["memory"]:
+            print()
+            print(tables.memory_text(payload["memory"]))
     if len(combos) == 1 or args.command is None:
         print("\ntargets (mmfuse):")
         print(tables.targets_text(payload["targets"]))
@@ -247,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                       if r["provider"] == harness.MMFUSE and r["status"] == "skipped"})
     if skipped:
         print(f"\nskipped: {'; '.join(skipped)}")
-    errors = [r for r in payload["records"] if r["status"] == "error"]
+    errors = [r for r in payload["records"] + payload["memory"] if r["status"] == "error"]
     for r in errors:
         print(f"error: {r['op']} {r['dtype']} {r['mode']} {r['provider']}: {r['reason']}")
     if args.command is None:  # a child's file is a temporary the parent merges

@@ -3,23 +3,26 @@
   cross_entropy         logits [N, V], labels [N] -> mean loss
   linear_cross_entropy  hidden [N, H], weight [V, H], labels [N] -> mean loss (never N x V logits)
 
-Byte model (s = element size):
-  cross_entropy         fwd: read logits 1·N·V·s; fwd+bwd: + read logits, write dlogits 3·N·V·s
-  linear_cross_entropy  GEMM-bound (3 GEMMs of 2·N·H·V flops); the byte model counts only the
-                        operands: fwd reads hidden, weight (N·H + V·H)·s; fwd+bwd + writes both grads
+Models (s = element size):
+  cross_entropy         memory-bound. fwd: read logits 1·N·V·s; fwd+bwd: + read logits, write
+                        dlogits 3·N·V·s. 1/8 of the labels are ignore_index (prompt tokens).
+  linear_cross_entropy  compute-bound: 2·N·H·V FLOPs per GEMM, one in the forward (the logits) and
+                        two in the backward (dhidden, dweight), so fwd 2·N·H·V, fwd+bwd 6·N·H·V,
+                        held to the fp32 GEMM rate. Every label is valid, so both sides run the same
+                        three GEMMs (mmfuse drops ignore_index rows before its GEMMs, the baseline
+                        cannot). mmfuse computes the gradients inside its forward, so its `fwd` row
+                        costs about a whole step: fwd+bwd is the comparison that means something.
 Baselines: PyTorch eager (`F.cross_entropy`, `F.linear` + `F.cross_entropy`) and torch.compile of it.
 
-Peak memory (not a harness mode): `python -m bench.ops.bench_cross_entropy --memory` runs one
-fwd+bwd of linear_cross_entropy and of F.linear + F.cross_entropy at N=4096, H=2048, V=151936 fp32,
-each in a fresh subprocess, and reports the growth of the resident-set high-water mark
-(ru_maxrss) over the inputs and one small warm-up: torch's CPU allocations are invisible to
-tracemalloc. `python -m bench.ops.bench_cross_entropy --quick` runs the timing cases alone.
+Peak memory of linear_cross_entropy (run by run_all along with the timings, not a harness mode):
+one fwd+bwd per provider, each in a fresh subprocess, reporting how far the resident set rose
+above the inputs (`harness.peak_rss_growth`; the gradients the step returns are included and shown
+apart). `python -m bench.ops.bench_cross_entropy --memory [--quick]` runs only that;
+`python -m bench.ops.bench_cross_entropy --quick` runs the timing cases alone.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import torch
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 from bench.harness import Case, Provider, compiled, mmfuse_op
 
 OPS = ("cross_entropy", "linear_cross_entropy")
+# op -> providers whose fwd+bwd peak memory run_all measures (each in its own process).
+MEMORY = {"linear_cross_entropy": ("mmfuse", "hf_eager")}
 IGNORE = -100
 
 
@@ -45,9 +50,10 @@ def default_shape(op: str, quick: bool) -> dict[str, int]:
     return {"N": 256, "H": 256, "V": 32000} if quick else {"N": 4096, "H": 2048, "V": 151936}
 
 
-def _labels(N: int, V: int) -> torch.Tensor:
+def _labels(N: int, V: int, ignored: bool = True) -> torch.Tensor:
     y = torch.randint(0, V, (N,))
-    y[: N // 8] = IGNORE  # a few masked (prompt) tokens, as in SFT batches
+    if ignored:
+        y[: N // 8] = IGNORE  # a few masked (prompt) tokens, as in SFT batches
     return y
 
 
@@ -73,9 +79,10 @@ def cases(op: str, quick: bool, dtypes, shape: dict[str, int] | None = None) -> 
             N, H, V = dims["N"], dims["H"], dims["V"]
 
             def make(dtype=dtype, N=N, H=H, V=V):
+                weight = torch.randn(V, H)
+                weight.mul_(H ** -0.5)  # in place: no second V x H temporary (1.2 GB at full size)
                 return {"hidden": torch.randn(N, H, dtype=dtype, requires_grad=True),
-                        "weight": (torch.randn(V, H) / H ** 0.5).to(dtype).requires_grad_(True),
-                        "labels": _labels(N, V)}
+                        "weight": weight.to(dtype).requires_grad_(True), "labels": _labels(N, V, ignored=False)}
             grad_inputs = ("hidden", "weight")
             lce_c = compiled(eager_lce)
             providers = [mmfuse_op("linear_cross_entropy", lambda f, i: f(i["hidden"], i["weight"], i["labels"])),
@@ -86,59 +93,29 @@ def cases(op: str, quick: bool, dtypes, shape: dict[str, int] | None = None) -> 
             shape_str, copy = f"{N}x{H}x{V}", V * H * s
         else:
             raise ValueError(f"unknown op {op!r}; this module benchmarks {', '.join(OPS)}")
+        lce = op == "linear_cross_entropy"
         out.append(Case(op=op, shape=shape_str, dims=dict(dims), dtype=dtype, make_inputs=make,
                         grad_inputs=grad_inputs, bytes=nbytes, bytes_model=model, copy_nbytes=copy,
-                        providers=providers, note="GEMM-bound" if op == "linear_cross_entropy" else ""))
+                        providers=providers,
+                        note=("GEMM-bound; all labels valid; mmfuse's forward computes the gradients too, so "
+                              "compare fwd+bwd; one warmup call per measurement" if lce else
+                              "1/8 of the labels are ignore_index"),
+                        flops={"fwd": 2 * N * H * V, "fwd+bwd": 6 * N * H * V} if lce else None,
+                        flops_model={"fwd": "2·N·H·V", "fwd+bwd": "6·N·H·V"} if lce else None,
+                        # A full-size step takes tens of seconds: one warmup call reaches the steady state.
+                        warmup=1 if lce else None))
     return out
-
-
-# ---- peak memory -------------------------------------------------------------------------------
-
-def _peak_child(provider: str, N: int, H: int, V: int) -> dict:
-    """One fwd+bwd in this (fresh) process; ru_maxrss growth over inputs + a tiny warm-up, in bytes."""
-    import resource
-    import time
-
-    import mmfuse.ops
-
-    torch.manual_seed(0)
-    h = torch.randn(N, H, requires_grad=True)
-    w = (torch.randn(V, H) / H ** 0.5).requires_grad_(True)
-    y = _labels(N, V)
-    fn = (lambda a, b, c: mmfuse.ops.linear_cross_entropy(a, b, c)) if provider == "mmfuse" else eager_lce
-    small = fn(h[:2].detach().requires_grad_(True), w[:64].detach().requires_grad_(True), y[:2].clamp(max=63))
-    small.backward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    loss = fn(h, w, y)
-    loss.backward()
-    dt = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    grads = (h.grad.numel() + w.grad.numel()) * 4
-    return {"provider": provider, "extra_bytes": after - before, "grad_bytes": grads, "seconds": dt,
-            "loss": float(loss)}
-
-
-def peak_memory(N: int = 4096, H: int = 2048, V: int = 151936) -> list[dict]:
-    results = []
-    for provider in ("mmfuse", "hf_eager"):
-        code = (f"import json; from bench.ops.bench_cross_entropy import _peak_child; "
-                f"print(json.dumps(_peak_child({provider!r}, {N}, {H}, {V})))")
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return results
 
 
 if __name__ == "__main__":
     if "--memory" in sys.argv:
-        quick = "--quick" in sys.argv
-        res = peak_memory(*((512, 256, 32000) if quick else (4096, 2048, 151936)))
-        for r in res:
-            print(f"{r['provider']:>9}: peak extra {r['extra_bytes'] / 2**20:9.1f} MiB "
-                  f"(gradients alone {r['grad_bytes'] / 2**20:.1f} MiB), fwd+bwd {r['seconds']:.2f} s, loss {r['loss']:.5f}")
-        mm, base = res
-        print(f"ratio mmfuse / eager: memory {mm['extra_bytes'] / base['extra_bytes']:.3f}, "
-              f"time {mm['seconds'] / base['seconds']:.3f}")
+        from bench.harness import peak_memory_records, stderr_progress
+        from bench.tables import memory_text
+
+        records = peak_memory_records("bench.ops.bench_cross_entropy", "linear_cross_entropy", [torch.float32],
+                                      MEMORY["linear_cross_entropy"], quick="--quick" in sys.argv,
+                                      progress=stderr_progress(2))
+        print(memory_text(records))
         raise SystemExit(0)
     from bench.run_all import main
     raise SystemExit(main(["--ops", ",".join(OPS), *sys.argv[1:]]))
