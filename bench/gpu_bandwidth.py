@@ -146,8 +146,10 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool):
     hf_c = torch.compile(bench_rotary.hf_apply_rotary_pos_emb, dynamic=False)
     out.append(("rotary", f"{T}x({Hq}+{Hk})x{Dh}", {"fwd": 2 * E * s + cs, "fwd+bwd": 4 * E * s + 2 * cs},
                 make_rope, ("q", "k"), {
-                    "mmfuse": lambda i: (ops.rotary(i["q"], i["cos"], i["sin"]), ops.rotary(i["k"], i["cos"], i["sin"])),
-                    "hf_eager": lambda i: bench_rotary.hf_apply_rotary_pos_emb(i["q"], i["k"], i["cos_hf"], i["sin_hf"]),
+                    "mmfuse": lambda i: (ops.rotary(i["q"], i["cos"], i["sin"]),
+                                         ops.rotary(i["k"], i["cos"], i["sin"])),
+                    "hf_eager": lambda i: bench_rotary.hf_apply_rotary_pos_emb(i["q"], i["k"], i["cos_hf"],
+                                                                               i["sin_hf"]),
                     "torch_compile": lambda i, f=hf_c: f(i["q"], i["k"], i["cos_hf"], i["sin_hf"])}))
     hf_c = torch.compile(bench_rotary.hf_apply_multimodal_rotary_pos_emb, dynamic=False)
     out.append(("apply_mrope", f"{T}x({Hq}+{Hk})x{Dh}", {"fwd": 2 * E * s + ps, "fwd+bwd": 4 * E * s + 2 * ps},
@@ -199,9 +201,47 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def run_case(case, dname: str, device: torch.device, records: list) -> None:
+    """Times every provider of one case in both modes, appending records and printing a row each."""
+    op, shape, nbytes, make, leaves, providers = case
+    inputs = make()
+    # Agreement with the eager code on this very input (a check that the kernel ran correctly).
+    with torch.no_grad():
+        got, want = _outputs(providers["mmfuse"](inputs)), _outputs(providers["hf_eager"](inputs))
+        diff = max(((a.float() - b.float()).abs().max().item() for a, b in zip(got, want)), default=0.0)
+    for mode in ("fwd", "fwd+bwd"):
+        copy = copy_gbps(nbytes[mode], device)
+        times = {}
+        for name, fn in providers.items():
+            try:
+                times[name] = time_ms(runner(fn, inputs, leaves, mode), device)
+                status, reason = "ok", None
+            except Exception as exc:  # a baseline that fails is recorded, not fatal
+                times[name], status, reason = None, "failed", f"{type(exc).__name__}: {exc}"[:300]
+            t = times[name]
+            rec = {"op": op, "shape": shape, "dtype": dname, "mode": mode, "provider": name, "status": status,
+                   "reason": reason, "bytes": nbytes[mode], "copy_gbps": copy, "max_abs_diff_mmfuse_vs_eager": diff}
+            if t is not None:
+                gbps = nbytes[mode] / (t["p50_ms"] * 1e-3) / 1e9
+                rec.update(t, gbps=gbps, frac_copy_bw=gbps / copy)
+            records.append(rec)
+        base = times.get("mmfuse")
+        for rec in records[-len(providers):]:
+            t = times.get(rec["provider"])
+            if base and t:
+                rec["mmfuse_speedup"] = t["p50_ms"] / base["p50_ms"]
+            if t:
+                print(f"{op:<14} {shape:<20} {dname:<5} {mode:<8} {rec['provider']:<14} {t['p50_ms']:8.3f} "
+                      f"{rec['gbps']:7.0f} {100 * rec['frac_copy_bw']:6.0f}% "
+                      f"{rec.get('mmfuse_speedup', float('nan')):8.2f}x")
+            else:
+                print(f"{op:<14} {shape:<20} {dname:<5} {mode:<8} {rec['provider']:<14} failed: {rec['reason']}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT") or common.REPO_ROOT / "bench" / "results"))
+    p.add_argument("--out-dir", type=Path,
+                   default=Path(os.environ.get("OUT") or common.REPO_ROOT / "bench" / "results"))
     p.add_argument("--budget-s", type=float, default=120.0,
                    help="no new case starts after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp32")
@@ -219,54 +259,33 @@ def main(argv=None) -> int:
     print(f"{'op':<14} {'shape':<20} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>8} {'GB/s':>7} "
           f"{'% copy':>7} {'mmfuse x':>9}")
     records = []
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname.strip()]
-        for op, shape, nbytes, make, leaves, providers in cases(device, dtype, args.quick):
-            if time.monotonic() - start > args.budget_s:
-                records.append({"op": op, "shape": shape, "dtype": dname, "status": "skipped",
-                                "reason": f"time budget of {args.budget_s:.0f} s spent"})
-                print(f"{op:<14} {shape:<20} {dname:<5} skipped (time budget)")
-                continue
-            inputs = make()
-            # Agreement with the eager code on this very input (a check that the kernel ran correctly).
-            with torch.no_grad():
-                got, want = _outputs(providers["mmfuse"](inputs)), _outputs(providers["hf_eager"](inputs))
-                diff = max(((a.float() - b.float()).abs().max().item() for a, b in zip(got, want)), default=0.0)
-            for mode in ("fwd", "fwd+bwd"):
-                copy = copy_gbps(nbytes[mode], device)
-                times = {}
-                for name, fn in providers.items():
-                    try:
-                        times[name] = time_ms(runner(fn, inputs, leaves, mode), device)
-                        status, reason = "ok", None
-                    except Exception as exc:  # a baseline that fails is recorded, not fatal
-                        times[name], status, reason = None, "failed", f"{type(exc).__name__}: {exc}"[:300]
-                    t = times[name]
-                    rec = {"op": op, "shape": shape, "dtype": dname, "mode": mode, "provider": name,
-                           "status": status, "reason": reason, "bytes": nbytes[mode], "copy_gbps": copy,
-                           "max_abs_diff_mmfuse_vs_eager": diff}
-                    if t is not None:
-                        gbps = nbytes[mode] / (t["p50_ms"] * 1e-3) / 1e9
-                        rec.update(t, gbps=gbps, frac_copy_bw=gbps / copy)
-                    records.append(rec)
-                base = times.get("mmfuse")
-                for rec in records[-len(providers):]:
-                    t = times.get(rec["provider"])
-                    if base and t:
-                        rec["mmfuse_speedup"] = t["p50_ms"] / base["p50_ms"]
-                    if t:
-                        print(f"{op:<14} {shape:<20} {dname:<5} {mode:<8} {rec['provider']:<14} {t['p50_ms']:8.3f} "
-                              f"{rec['gbps']:7.0f} {100 * rec['frac_copy_bw']:6.0f}% "
-                              f"{rec.get('mmfuse_speedup', float('nan')):8.2f}x")
-                    else:
-                        print(f"{op:<14} {shape:<20} {dname:<5} {mode:<8} {rec['provider']:<14} failed: {rec['reason']}")
-            del inputs
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     out = args.out_dir / f"gpu-{card_slug(device)}-{date}.json"
-    common.write_json(out, {"schema": "mmfuse-gpu-bandwidth/1", "environment": env,
-                            "command": "python bench/gpu_bandwidth.py " + " ".join(argv or sys.argv[1:]),
-                            "copy_gbps": {str(2 * k * 2): v for k, v in sorted(_copy_cache.items())},
-                            "records": records, "elapsed_s": round(time.monotonic() - start, 1)})
+
+    def save(status: str) -> None:
+        # Rewritten after every case, so a run stopped by a time limit keeps what it measured.
+        command = "python bench/gpu_bandwidth.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        common.write_json(out, {"schema": "mmfuse-gpu-bandwidth/1", "status": status, "environment": env,
+                                "command": command,
+                                "copy_gbps": {str(2 * k * 2): v for k, v in sorted(_copy_cache.items())},
+                                "records": records, "elapsed_s": round(time.monotonic() - start, 1)})
+
+    try:
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname.strip()]
+            for case in cases(device, dtype, args.quick):
+                if time.monotonic() - start > args.budget_s:
+                    records.append({"op": case[0], "shape": case[1], "dtype": dname, "status": "skipped",
+                                    "reason": f"time budget of {args.budget_s:.0f} s spent"})
+                    print(f"{case[0]:<14} {case[1]:<20} {dname:<5} skipped (time budget)")
+                    continue
+                run_case(case, dname, device, records)
+                save("running")
+    except KeyboardInterrupt:
+        save("interrupted")
+        print(f"interrupted; wrote {out}")
+        return 130
+    save("complete")
     print(f"wrote {out}")
     return 0
 

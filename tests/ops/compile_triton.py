@@ -47,7 +47,8 @@ def main(arch: int = 90) -> int:
     glu_bwd = dict(DO=bf16, G=bf16, U=bf16, DG=bf16, DU=bf16, n_rows=i32, N=i32, stride_do=i32, stride_g=i32,
                    stride_u=i32, stride_dg=i32, stride_du=i32)
     rot = dict(X=bf16, Y=bf16, COS=f32, SIN=f32, **{a: i32 for a in (
-        "T", "H", "D", "R", "table_rows", "stride_xt", "stride_xh", "stride_yt", "stride_yh", "stride_ct", "stride_st")})
+        "T", "H", "D", "R", "table_rows", "stride_xt", "stride_xh", "stride_yt", "stride_yh", "stride_ct",
+        "stride_st")})
     mro = dict(Q=bf16, K=bf16, QO=bf16, KO=bf16, POS="*i64", INV_FREQ=f32, **{a: i32 for a in (
         "T", "HQ", "HK", "R", "SEC_T", "SEC_TH", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_qot",
         "stride_qoh", "stride_kot", "stride_koh", "stride_ps", "stride_pt")})

@@ -19,7 +19,8 @@ def device(backend, monkeypatch):
         return torch.device("cpu")
     pytest.importorskip("triton")
     if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU, and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before triton is imported)")
+        pytest.skip("no GPU, and Triton's interpreter is off "
+                    "(TRITON_INTERPRET=1 must be set before triton is imported)")
     # Forced rather than implied by the device, so a missing triton fails instead of testing the reference.
     monkeypatch.setenv("MMFUSE_BACKEND", "triton")
     return torch.device("cuda" if GPU else "cpu")
