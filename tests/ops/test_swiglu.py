@@ -31,7 +31,7 @@ def _grads_of(fn, inputs, dout):
 def _check(fn, ref_fn, inputs, names, scale=1.0):
     """Output and input gradients of mmfuse `fn` (on the inputs' device) vs the float64 reference (and
     eager in the inputs' dtype), both on the CPU."""
-    dout = torch.randn(_half_shape(ref_fn, inputs), dtype=inputs[0].dtype) * scale
+    dout = torch.randn(_out_shape(ref_fn, inputs), dtype=inputs[0].dtype) * scale
     y, grads = _grads_of(fn, inputs, dout)
     inputs = [t.detach().cpu() for t in inputs]
     y64, grads64 = _grads_of(ref_fn, [t.double() for t in inputs], dout.double())
@@ -44,7 +44,7 @@ def _check(fn, ref_fn, inputs, names, scale=1.0):
     return y, grads
 
 
-def _half_shape(ref_fn, inputs):
+def _out_shape(ref_fn, inputs):
     return ref_fn(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs)).shape
 
 
