@@ -7,9 +7,11 @@ VPY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.mmfuse-deps
 # Runtime deps + build tools + test deps. torch is pinned separately (TORCH_SPEC) so pip never
 # swaps it for a multi-GB CUDA build; transformers is the test oracle only, never a runtime import.
+# triton is a test dependency here: its interpreter runs the Triton kernels on CPU tensors
+# (tests/ops); pinned to the version whose interpreter those tests were written against.
 DEPS := numpy safetensors tokenizers pillow pyyaml tqdm \
         "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-        pytest psutil matplotlib "transformers==5.24.0"
+        pytest psutil matplotlib "transformers==5.24.0" "triton==3.9.0"
 
 .PHONY: demo test build dev bench bench-quick clean
 

@@ -8,6 +8,7 @@ import torch
 import mmfuse._C as _C
 from mmfuse.ops import apply_mrope, mrope_cos_sin, reference, rotary
 from mmfuse.ops._checks import dtype_code
+from tests.ops.backends import BACKENDS, on, shrink, with_backends
 from tests.ops.numerics import assert_matches, supported_isas, use_isa
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -34,12 +35,22 @@ def _positions(T, max_pos=20000):
     return pos
 
 
+def _tables_atol(backend):
+    """How far apply_mrope (angles in the kernel) may be from rotary with mrope_cos_sin's tables:
+    the C++ kernels' cos/sin are within half an ulp on both sides; the Triton kernel's own within
+    one ulp, and on CUDA the tables come from torch's cos/sin (within 2 ulp), so errors of up to
+    3 ulp of 1 times |x| ~ 4 add up there."""
+    return 1e-6 if backend == "cpp" else 2e-6
+
+
 def _check_mrope(q, k, pos, inv_freq, section):
-    """Outputs and dq, dk of mmfuse vs the float64 reference (and the reference run in q's dtype)."""
-    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
-    qo, ko = apply_mrope(q, k, pos, inv_freq, section)
-    dqo, dko = torch.randn_like(qo), torch.randn_like(ko)
-    dq, dk = torch.autograd.grad((qo, ko), (q, k), (dqo, dko))
+    """Outputs and dq, dk of mmfuse (on q's device) vs the float64 reference (and the reference run
+    in q's dtype), both on the CPU."""
+    qd, kd = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    qo, ko = apply_mrope(qd, kd, pos, inv_freq, section)
+    dqo, dko = torch.randn(qo.shape, dtype=qo.dtype), torch.randn(ko.shape, dtype=ko.dtype)
+    dq, dk = (t.cpu() for t in torch.autograd.grad((qo, ko), (qd, kd), on(q.device, dqo, dko)))
+    qo, ko, q, k, pos, inv_freq = (t.cpu() for t in (qo, ko, q, k, pos, inv_freq))
 
     leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k)]
     outs64 = reference.apply_mrope(*leaves64, pos, inv_freq, section)
@@ -57,10 +68,10 @@ def _check_mrope(q, k, pos, inv_freq, section):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,Hq,Hk,D,section", CASES)
-def test_apply_mrope_matches_fp64_reference(T, Hq, Hk, D, section, dtype):
+@pytest.mark.parametrize("T,Hq,Hk,D,section,backend", with_backends(CASES, lambda T, *_: T <= 9))  # a program per token
+def test_apply_mrope_matches_fp64_reference(T, Hq, Hk, D, section, dtype, device):
     q, k = torch.randn(T, Hq, D, dtype=dtype), torch.randn(T, Hk, D, dtype=dtype)
-    _check_mrope(q, k, _positions(T), _inv_freq(D), section)
+    _check_mrope(*on(device, q, k, _positions(T), _inv_freq(D)), section)
 
 
 @pytest.mark.parametrize("isa", supported_isas())
@@ -74,14 +85,14 @@ def test_apply_mrope_every_simd_flavour(isa, dtype):
             assert cos.shape == (T, D // 2)
 
 
-def test_fused_op_equals_tables_plus_rotary():
-    T, D, section = 65, 128, [16, 24, 24]
-    q, k = torch.randn(T, 8, D), torch.randn(T, 2, D)
-    pos, inv = _positions(T), _inv_freq(D)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_op_equals_tables_plus_rotary(backend, device):
+    T, D, section = shrink(backend, 65, 9), 128, [16, 24, 24]
+    q, k, pos, inv = on(device, torch.randn(T, 8, D), torch.randn(T, 2, D), _positions(T), _inv_freq(D))
     cos, sin = mrope_cos_sin(pos, inv, section)
     qo, ko = apply_mrope(q, k, pos, inv, section)
-    torch.testing.assert_close(qo, rotary(q, cos, sin), rtol=0, atol=1e-6)
-    torch.testing.assert_close(ko, rotary(k, cos, sin), rtol=0, atol=1e-6)
+    torch.testing.assert_close(qo, rotary(q, cos, sin), rtol=0, atol=_tables_atol(backend))
+    torch.testing.assert_close(ko, rotary(k, cos, sin), rtol=0, atol=_tables_atol(backend))
 
 
 def test_mrope_cos_sin_is_the_fp32_angle_to_within_one_ulp():
@@ -146,27 +157,51 @@ def test_cos_sin_of_angles_beyond_2_21_fall_back_to_libm(isa):
                 assert got[~finite].isnan().all()
 
 
-def test_batched_positions_3bs_are_flattened():
-    B, S, D, section = 2, 11, 64, [8, 12, 12]
-    pos = torch.stack([_positions(S) for _ in range(B)], dim=1)      # [3, B, S] as HF's get_rope_index
-    inv = _inv_freq(D)
+# Triton's interpreter computes with numpy, which warns on inf - inf (NaN, as intended).
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_cos_sin_are_within_one_ulp_of_exact(device):
+    """The Triton kernels' own cos/sin (no float64, no hardware approximation): within 2^-23 (one ulp
+    of 1; measured 1.3 x 2^-24) of the exact cos/sin of the fp32 angle up to |angle| = 2^21, which
+    covers positions below 2^21 times inv_freq <= 1, and 2^-22 up to 2^23 (measured 2.5 x 2^-24);
+    NaN for infinite and NaN angles."""
+    from mmfuse.kernels.triton.mrope import cos_sin
+
+    D = 128
+    sweep = (torch.arange(0, 70000, 7).float()[:, None] * _inv_freq(D)).flatten()   # Qwen's angles
+    for angles, bound in ((sweep, 2 ** -23), (torch.rand(1 << 16, dtype=torch.float64).mul(2 ** 21).float(), 2 ** -23),
+                          (torch.rand(1 << 14, dtype=torch.float64).mul(2 ** 23).float(), 2 ** -22),
+                          (-torch.rand(1 << 12).mul(1000), 2 ** -23)):
+        cos, sin = (t.cpu().double() for t in cos_sin(angles.to(device)))
+        assert (cos - angles.double().cos()).abs().max().item() <= bound
+        assert (sin - angles.double().sin()).abs().max().item() <= bound
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    assert all(t.isnan().all() for t in cos_sin(special.to(device)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_positions_3bs_are_flattened(backend, device):
+    B, S, D, section = 2, shrink(backend, 11, 5), 64, [8, 12, 12]
+    pos = on(device, torch.stack([_positions(S) for _ in range(B)], dim=1))  # [3, B, S] as HF's get_rope_index
+    inv = on(device, _inv_freq(D))
     cos, sin = mrope_cos_sin(pos, inv, section)
     flat_cos, flat_sin = mrope_cos_sin(pos.reshape(3, -1), inv, section)
     assert cos.shape == (B, S, D // 2)
     assert torch.equal(cos.flatten(0, 1), flat_cos) and torch.equal(sin.flatten(0, 1), flat_sin)
-    q, k = torch.randn(B, S, 4, D), torch.randn(B, S, 2, D)
+    q, k = on(device, torch.randn(B, S, 4, D), torch.randn(B, S, 2, D))
     qo, ko = apply_mrope(q, k, pos, inv, section)
     qf, kf = apply_mrope(q.flatten(0, 1), k.flatten(0, 1), pos.reshape(3, -1), inv, section)
     assert qo.shape == q.shape and torch.equal(qo.flatten(0, 1), qf) and torch.equal(ko.flatten(0, 1), kf)
-    torch.testing.assert_close(qo, rotary(q, cos, sin), rtol=0, atol=1e-6)    # [B, S, R] tables
+    torch.testing.assert_close(qo, rotary(q, cos, sin), rtol=0, atol=_tables_atol(backend))  # [B, S, R] tables
 
 
-def test_int32_positions_and_non_contiguous_inputs():
-    T, D, section = 23, 128, [16, 24, 24]
-    q = torch.randn(8, T, D).transpose(0, 1)
-    k = torch.randn(T, 2, 2 * D)[..., ::2]
-    pos = torch.randint(0, 5000, (T, 3)).T                            # strided [3, T]
-    inv = _inv_freq(2 * D)[::2].clone()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_positions_and_non_contiguous_inputs(backend, device):
+    T, D, section = shrink(backend, 23, 5), 128, [16, 24, 24]
+    q = on(device, torch.randn(8, T, D)).transpose(0, 1)
+    k = on(device, torch.randn(T, 2, 2 * D))[..., ::2]
+    pos = on(device, torch.randint(0, 5000, (T, 3))).T                # strided [3, T]
+    inv = on(device, _inv_freq(2 * D)[::2].clone())
     assert not (q.is_contiguous() or k.is_contiguous() or pos.is_contiguous())
     _check_mrope(q, k, pos, inv, section)
     a = apply_mrope(q, k, pos, inv, section)
@@ -184,10 +219,10 @@ def test_apply_mrope_gradcheck_fp64():
     assert torch.autograd.gradgradcheck(fn, (q, k))
 
 
-def test_gradient_of_one_output_only():
-    q = torch.randn(5, 2, 64, requires_grad=True)
-    k = torch.randn(5, 1, 64, requires_grad=True)
-    pos, inv = _positions(5), _inv_freq(64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_of_one_output_only(device):
+    q, k = (t.requires_grad_(True) for t in on(device, torch.randn(5, 2, 64), torch.randn(5, 1, 64)))
+    pos, inv = on(device, _positions(5), _inv_freq(64))
     qo, _ = apply_mrope(q, k, pos, inv, [8, 12, 12])
     dq, dk = torch.autograd.grad(qo.sum(), (q, k), allow_unused=True)
     want = torch.ops.mmfuse.apply_mrope(torch.ones_like(q), torch.zeros_like(k), pos, inv, [8, 12, 12], True)[0]
@@ -208,28 +243,32 @@ def test_kernel_in_place_equals_out_of_place(dtype):
         assert torch.equal(qb, want[0]) and torch.equal(kb, want[1])
 
 
-def test_empty_token_batch():
-    q, k = torch.randn(0, 2, 64, requires_grad=True), torch.randn(0, 1, 64)
-    qo, ko = apply_mrope(q, k, torch.zeros(3, 0, dtype=torch.long), _inv_freq(64), [8, 12, 12])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_token_batch(device):
+    q, k = on(device, torch.randn(0, 2, 64), torch.randn(0, 1, 64))
+    qo, ko = apply_mrope(q.requires_grad_(True), k, *on(device, torch.zeros(3, 0, dtype=torch.long), _inv_freq(64)),
+                         [8, 12, 12])
     assert qo.shape == (0, 2, 64) and ko.shape == (0, 1, 64)
     cos, _ = mrope_cos_sin(torch.zeros(3, 0, dtype=torch.long), _inv_freq(64), [8, 12, 12])
     assert cos.shape == (0, 32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
-    T, D, section = 7, 64, [8, 12, 12]
-    q = torch.randn(T, 4, D, dtype=dtype, requires_grad=True)
-    k = torch.randn(T, 2, D, dtype=dtype, requires_grad=True)
-    pos, inv = _positions(T), _inv_freq(D)
+def test_opcheck(dtype, backend, device):
+    T, D, section = shrink(backend, 7, 3), 64, [8, 12, 12]
+    q, k = (t.requires_grad_(True) for t in on(device, torch.randn(T, 4, D, dtype=dtype),
+                                               torch.randn(T, 2, D, dtype=dtype)))
+    pos, inv = on(device, _positions(T), _inv_freq(D))
     for inverse in (False, True):
         torch.library.opcheck(torch.ops.mmfuse.apply_mrope.default, (q, k, pos, inv, section, inverse))
     torch.library.opcheck(torch.ops.mmfuse.mrope_cos_sin.default, (pos, inv, section))
 
 
-def test_compiles_fullgraph_with_gradients():
-    q, k = torch.randn(9, 2, 64, requires_grad=True), torch.randn(9, 1, 64, requires_grad=True)
-    pos, inv = _positions(9), _inv_freq(64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph_with_gradients(device):
+    q, k = (t.requires_grad_(True) for t in on(device, torch.randn(9, 2, 64), torch.randn(9, 1, 64)))
+    pos, inv = on(device, _positions(9), _inv_freq(64))
 
     def loss(a, b):
         qo, ko = apply_mrope(a, b, pos, inv, [8, 12, 12])
@@ -241,17 +280,18 @@ def test_compiles_fullgraph_with_gradients():
         torch.testing.assert_close(g, w)
 
 
-def test_reference_backend_env_gives_same_result(backend_env):
-    q, k = torch.randn(9, 4, 128, requires_grad=True), torch.randn(9, 2, 128, requires_grad=True)
-    pos, inv = _positions(9), _inv_freq(128)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_backend_env_gives_same_result(backend_env, backend, device):
+    q, k = (t.requires_grad_(True) for t in on(device, torch.randn(9, 4, 128), torch.randn(9, 2, 128)))
+    pos, inv = on(device, _positions(9), _inv_freq(128))
     results = []
-    for backend in (None, "reference"):
-        backend_env(backend)
+    for forced in (None if backend == "cpp" else "triton", "reference"):
+        backend_env(forced)
         qo, ko = apply_mrope(q, k, pos, inv, [16, 24, 24])
         cos, sin = mrope_cos_sin(pos, inv, [16, 24, 24])
         results.append((qo, ko, cos, sin, *torch.autograd.grad((qo, ko), (q, k), (qo * 3, ko * 2))))
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=_tables_atol(backend))
 
 
 def test_inv_freq_gradient_is_refused():
@@ -333,9 +373,11 @@ def _hf_multimodal_positions():
     return pos
 
 
-@pytest.mark.parametrize("offset", [0, 30000])      # 30000: a late chunk of a long packed sequence
-@pytest.mark.parametrize("head_dim,section", [(128, [16, 24, 24]), (64, [8, 12, 12])])
-def test_apply_mrope_matches_hf_qwen2_5_vl_text_rotary(head_dim, section, offset):
+# offset 30000: a late chunk of a long packed sequence
+@pytest.mark.parametrize("head_dim,section,offset,backend",
+                         with_backends([(128, [16, 24, 24], 0), (128, [16, 24, 24], 30000), (64, [8, 12, 12], 0),
+                                        (64, [8, 12, 12], 30000)], lambda D, sec, offset: D == 128 and offset))
+def test_apply_mrope_matches_hf_qwen2_5_vl_text_rotary(head_dim, section, offset, device):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
     emb = _hf_text_rope(head_dim, section)
@@ -348,6 +390,6 @@ def test_apply_mrope_matches_hf_qwen2_5_vl_text_rotary(head_dim, section, offset
     cos, sin = mrope_cos_sin(pos, emb.inv_freq, section)
     torch.testing.assert_close(torch.cat((cos, cos), -1), cos_hf, rtol=0, atol=2 ** -23)
     torch.testing.assert_close(torch.cat((sin, sin), -1), sin_hf, rtol=0, atol=2 ** -23)
-    qo, ko = apply_mrope(q, k, pos, emb.inv_freq, section)
+    qo, ko = (t.cpu() for t in apply_mrope(*on(device, q, k, pos, emb.inv_freq), section))
     torch.testing.assert_close(qo, q_hf.transpose(1, 2), rtol=1e-6, atol=2e-6)
     torch.testing.assert_close(ko, k_hf.transpose(1, 2), rtol=1e-6, atol=2e-6)

@@ -7,6 +7,7 @@ import torch
 import mmfuse._C as _C
 from mmfuse.ops import reference, rotary
 from mmfuse.ops._checks import dtype_code
+from tests.ops.backends import BACKENDS, on, shrink, with_backends
 from tests.ops.numerics import assert_matches, supported_isas, use_isa
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -23,11 +24,13 @@ def _tables(rows, R, dtype=torch.float32):
 
 
 def _check_rotary(x, cos, sin, interleaved=False):
-    """Forward and dx of mmfuse vs the float64 reference (and the reference run in x's dtype)."""
-    x = x.detach().requires_grad_(True)
-    y = rotary(x, cos, sin, interleaved)
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, (x,), dy)
+    """Forward and dx of mmfuse (on x's device) vs the float64 reference (and the reference run in
+    x's dtype), both on the CPU."""
+    xd = x.detach().requires_grad_(True)
+    y = rotary(xd, cos, sin, interleaved)
+    dy = torch.randn(y.shape, dtype=y.dtype)
+    (dx,) = torch.autograd.grad(y, (xd,), dy.to(y.device))
+    y, dx, x, cos, sin = y.cpu(), dx.cpu(), x.cpu(), cos.cpu(), sin.cpu()
 
     x64 = x.detach().double().requires_grad_(True)
     y64 = reference.rotary(x64, cos.double(), sin.double(), interleaved)
@@ -44,29 +47,32 @@ def _check_rotary(x, cos, sin, interleaved=False):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,H,D", SHAPES)
-def test_rotary_matches_fp64_reference(T, H, D, dtype, mode):
+@pytest.mark.parametrize("T,H,D,backend", with_backends(SHAPES, lambda T, H, D: T <= 5))  # Triton: a program per token
+def test_rotary_matches_fp64_reference(T, H, D, dtype, mode, device):
     frac, interleaved = MODES[mode]
     R = max(1, int(D // 2 * frac))
     cos, sin = _tables((T,), R)
-    _check_rotary(torch.randn(T, H, D, dtype=dtype), cos, sin, interleaved)
+    _check_rotary(*on(device, torch.randn(T, H, D, dtype=dtype), cos, sin), interleaved)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_tables_in_x_dtype_are_accepted(dtype):
-    cos, sin = _tables((33,), 40, dtype)
-    _check_rotary(torch.randn(33, 3, 80, dtype=dtype), cos, sin)
-    _check_rotary(torch.randn(33, 3, 80, dtype=dtype), cos, sin, interleaved=True)
+def test_tables_in_x_dtype_are_accepted(dtype, backend, device):
+    T = shrink(backend, 33, 7)
+    cos, sin = _tables((T,), 40, dtype)
+    _check_rotary(*on(device, torch.randn(T, 3, 80, dtype=dtype), cos, sin))
+    _check_rotary(*on(device, torch.randn(T, 3, 80, dtype=dtype), cos, sin), interleaved=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_batched_input_with_shared_or_per_batch_tables(dtype, interleaved):
-    B, S, H, D = 3, 17, 4, 64
-    x = torch.randn(B, S, H, D, dtype=dtype)
-    cos, sin = _tables((S,), 24)                 # [S, R]: one table for every sequence, partial rotary
+def test_batched_input_with_shared_or_per_batch_tables(dtype, interleaved, backend, device):
+    B, S, H, D = 3, shrink(backend, 17, 3), 4, 64
+    x = on(device, torch.randn(B, S, H, D, dtype=dtype))
+    cos, sin = on(device, *_tables((S,), 24))    # [S, R]: one table for every sequence, partial rotary
     _check_rotary(x, cos, sin, interleaved)
-    cos, sin = _tables((B, S), 32)               # [B, S, R]
+    cos, sin = on(device, *_tables((B, S), 32))  # [B, S, R]
     _check_rotary(x, cos, sin, interleaved)
     # The 4-D result equals the 3-D op on the flattened tokens.
     y4 = rotary(x, cos, sin, interleaved)
@@ -74,9 +80,11 @@ def test_batched_input_with_shared_or_per_batch_tables(dtype, interleaved):
     assert torch.equal(y4.flatten(0, 1), y3)
 
 
-def test_non_contiguous_inputs():
-    x = torch.randn(6, 19, 128).transpose(0, 1)          # [19, 6, 128] stored heads-major
-    angles = torch.randn(19, 128) * 10
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    T = shrink(backend, 19, 5)
+    x = on(device, torch.randn(6, T, 128)).transpose(0, 1)  # [T, 6, 128] stored heads-major
+    angles = on(device, torch.randn(T, 128) * 10)
     cos, sin = angles.cos()[:, ::2], angles.sin()[:, 1::2]  # strided [19, 64] tables
     assert not x.is_contiguous() and not cos.is_contiguous()
     _check_rotary(x, cos, sin)
@@ -124,43 +132,48 @@ def test_kernel_in_place_equals_out_of_place(dtype):
         assert torch.equal(buf, want)
 
 
-def test_empty_and_zero_frequency_inputs():
-    x = torch.randn(0, 4, 64, requires_grad=True)
-    cos, sin = _tables((0,), 32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_zero_frequency_inputs(device):
+    x = on(device, torch.randn(0, 4, 64)).requires_grad_(True)
+    cos, sin = on(device, *_tables((0,), 32))
     y = rotary(x, cos, sin)
     assert y.shape == (0, 4, 64)
-    x = torch.randn(5, 2, 64)
-    cos, sin = _tables((5,), 0)
+    x = on(device, torch.randn(5, 2, 64))
+    cos, sin = on(device, *_tables((5,), 0))
     assert torch.equal(rotary(x, cos, sin), x)         # R = 0: every channel passes through
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
-    x = torch.randn(7, 3, 64, dtype=dtype, requires_grad=True)
-    cos, sin = _tables((7,), 32)
+def test_opcheck(dtype, backend, device):
+    T = shrink(backend, 7, 3)
+    x = on(device, torch.randn(T, 3, 64, dtype=dtype)).requires_grad_(True)
+    cos, sin = on(device, *_tables((T,), 32))
     for interleaved, inverse in [(False, False), (True, False), (False, True)]:
         torch.library.opcheck(torch.ops.mmfuse.rotary.default, (x, cos, sin, interleaved, inverse))
-    x4 = torch.randn(2, 5, 3, 80, dtype=dtype, requires_grad=True)
-    cos4, sin4 = _tables((5,), 24, dtype)
+    x4 = on(device, torch.randn(2, T, 3, 80, dtype=dtype)).requires_grad_(True)
+    cos4, sin4 = on(device, *_tables((T,), 24, dtype))
     torch.library.opcheck(torch.ops.mmfuse.rotary.default, (x4, cos4, sin4, False, False))
 
 
-def test_compiles_fullgraph_with_gradients():
-    x = torch.randn(9, 2, 64, requires_grad=True)
-    cos, sin = _tables((9,), 32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph_with_gradients(device):
+    x = on(device, torch.randn(9, 2, 64)).requires_grad_(True)
+    cos, sin = on(device, *_tables((9,), 32))
     fn = torch.compile(lambda a: rotary(a, cos, sin).square().sum(), fullgraph=True, backend="aot_eager")
     (g,) = torch.autograd.grad(fn(x), (x,))
     (g_ref,) = torch.autograd.grad(rotary(x, cos, sin).square().sum(), (x,))
     torch.testing.assert_close(g, g_ref)
 
 
-def test_reference_backend_env_gives_same_result(backend_env):
-    x = torch.randn(9, 4, 80, requires_grad=True)
-    cos, sin = _tables((9,), 30)
-    dy = torch.randn(9, 4, 80)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_backend_env_gives_same_result(backend_env, backend, device):
+    x = on(device, torch.randn(9, 4, 80)).requires_grad_(True)
+    cos, sin = on(device, *_tables((9,), 30))
+    dy = on(device, torch.randn(9, 4, 80))
     results = []
-    for backend in (None, "reference"):
-        backend_env(backend)
+    for forced in (None if backend == "cpp" else "triton", "reference"):
+        backend_env(forced)
         for interleaved in (False, True):
             y = rotary(x, cos, sin, interleaved)
             results.append((y, *torch.autograd.grad(y, (x,), dy)))

@@ -1,12 +1,15 @@
 """swiglu / swiglu_packed against the float64 reference: forward, both gradients, every dtype,
 every SIMD flavour, strided inputs, saturating gates, and the custom-op contracts."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmfuse.ops import _alloc, _backend, reference, swiglu, swiglu_packed
 from mmfuse.ops.swiglu import _rows
+from tests.ops.backends import BACKENDS, on, with_backends
 from tests.ops.numerics import assert_matches, supported_isas, use_isa
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -14,16 +17,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(1, 64), (3, 80), (127, 3420), (4097, 80), (1, 5632), (7, 5632), (3, 3420)]
 
 
+def _small(rows, cols):
+    return rows <= 7  # a few dozen Triton programs at most
+
+
 def _grads_of(fn, inputs, dout):
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, dout)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.device))
+    return out.cpu(), [g.cpu() for g in grads]
 
 
 def _check(fn, ref_fn, inputs, names, scale=1.0):
-    """Output and input gradients of mmfuse `fn` vs the float64 reference (and eager in the inputs' dtype)."""
-    dout = torch.randn(ref_fn(*inputs).shape, dtype=inputs[0].dtype) * scale
+    """Output and input gradients of mmfuse `fn` (on the inputs' device) vs the float64 reference (and
+    eager in the inputs' dtype), both on the CPU."""
+    dout = torch.randn(_out_shape(ref_fn, inputs), dtype=inputs[0].dtype) * scale
     y, grads = _grads_of(fn, inputs, dout)
+    inputs = [t.detach().cpu() for t in inputs]
     y64, grads64 = _grads_of(ref_fn, [t.double() for t in inputs], dout.double())
     ye, grads_e = _grads_of(ref_fn, inputs, dout)
     assert y.dtype == inputs[0].dtype and y.shape == y64.shape
@@ -32,6 +42,10 @@ def _check(fn, ref_fn, inputs, names, scale=1.0):
         assert g.dtype == inputs[0].dtype
         assert_matches(g, g64, ge, grad=True, what=name)
     return y, grads
+
+
+def _out_shape(ref_fn, inputs):
+    return ref_fn(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs)).shape
 
 
 def _check_swiglu(gate, up):
@@ -43,15 +57,15 @@ def _check_packed(x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,cols", SHAPES)
-def test_swiglu_matches_fp64_reference(rows, cols, dtype):
-    _check_swiglu(torch.randn(rows, cols, dtype=dtype) * 3, torch.randn(rows, cols, dtype=dtype))
+@pytest.mark.parametrize("rows,cols,backend", with_backends(SHAPES, _small))
+def test_swiglu_matches_fp64_reference(rows, cols, dtype, device):
+    _check_swiglu(*on(device, torch.randn(rows, cols, dtype=dtype) * 3, torch.randn(rows, cols, dtype=dtype)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,cols", SHAPES)
-def test_swiglu_packed_matches_fp64_reference(rows, cols, dtype):
-    _check_packed(torch.randn(rows, 2 * cols, dtype=dtype) * 3)
+@pytest.mark.parametrize("rows,cols,backend", with_backends(SHAPES, _small))
+def test_swiglu_packed_matches_fp64_reference(rows, cols, dtype, device):
+    _check_packed(on(device, torch.randn(rows, 2 * cols, dtype=dtype) * 3))
 
 
 @pytest.mark.parametrize("isa", supported_isas())
@@ -73,14 +87,16 @@ def _extreme_gates(dtype, cols=96):
     return g.to(dtype)
 
 
-@pytest.mark.parametrize("isa", supported_isas())
+# Triton's interpreter computes exp with numpy, which warns where exp(100) overflows to inf (as intended).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("isa,backend", [(isa, "cpp") for isa in supported_isas()] + [(None, "triton")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_saturating_gates_stay_finite_and_match_reference(isa, dtype):
-    with use_isa(isa):
+def test_saturating_gates_stay_finite_and_match_reference(isa, dtype, device):
+    with use_isa(isa) if isa else contextlib.nullcontext():
         g = _extreme_gates(dtype)
         u = torch.randn_like(g)
-        y, (dg, du) = _check_swiglu(g, u)
-        (dx,) = _check_packed(torch.cat((g, u), dim=-1))[1]
+        y, (dg, du) = _check_swiglu(*on(device, g, u))
+        (dx,) = _check_packed(on(device, torch.cat((g, u), dim=-1)))[1]
     for t in (y, dg, du, dx):
         assert torch.isfinite(t).all()
     # silu(100) = 100 to fp32 precision; silu(-100) ~ -3.7e-42.
@@ -110,23 +126,25 @@ def test_fp32_gate_gradient_matches_reference_across_the_sigmoid_range():
             _check_swiglu(g, u)
 
 
-def test_non_contiguous_and_batched_inputs():
-    base = torch.randn(5, 6, 2 * 80)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_batched_inputs(device):
+    base = on(device, torch.randn(5, 6, 2 * 80))
     _check_swiglu(base[..., ::2], base[..., 1::2])          # strided last dim
-    _check_swiglu(torch.randn(80, 9).t(), torch.randn(9, 80))  # transposed
-    g, u = torch.randn(4, 7, 2 * 96).chunk(2, dim=-1)         # halves of a packed tensor
+    _check_swiglu(on(device, torch.randn(80, 9)).t(), on(device, torch.randn(9, 80)))  # transposed
+    g, u = on(device, torch.randn(4, 7, 2 * 96)).chunk(2, dim=-1)  # halves of a packed tensor
     _check_swiglu(g, u)
-    wide = torch.randn(3, 5, 2 * 96 + 40)
+    wide = on(device, torch.randn(3, 5, 2 * 96 + 40))
     _check_packed(wide[..., : 2 * 96])                        # packed rows inside wider rows
-    _check_packed(torch.randn(2 * 64, 11).t())                 # transposed packed
-    _check_packed(torch.randn(2, 2 * 48, 3).transpose(1, 2))
+    _check_packed(on(device, torch.randn(2 * 64, 11)).t())     # transposed packed
+    _check_packed(on(device, torch.randn(2, 2 * 48, 3)).transpose(1, 2))
 
 
-def test_broadcast_output_gradient_is_read_with_its_strides():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_output_gradient_is_read_with_its_strides(device):
     # y.sum() backpropagates an expanded tensor of ones (row and column stride 0).
-    g = torch.randn(6, 40, requires_grad=True)
-    u = torch.randn(6, 40, requires_grad=True)
-    dg, du = torch.autograd.grad(swiglu(g, u).sum(), (g, u))
+    g, u = (t.requires_grad_(True) for t in on(device, torch.randn(6, 40), torch.randn(6, 40)))
+    dg, du = (t.cpu() for t in torch.autograd.grad(swiglu(g, u).sum(), (g, u)))
+    g, u = g.cpu(), u.cpu()
     g64, u64 = g.detach().double().requires_grad_(True), u.detach().double().requires_grad_(True)
     dg64, du64 = torch.autograd.grad(reference.swiglu(g64, u64).sum(), (g64, u64))
     assert_matches(dg, dg64, None, grad=True, what="dgate")
@@ -142,8 +160,9 @@ def test_row_strided_views_are_read_in_place():
     assert _rows(torch.randn(80, 9).t(), 80).is_contiguous()  # no row view exists: copied
 
 
-def test_packed_equals_unpacked_on_its_halves_bit_for_bit():
-    x = torch.randn(33, 2 * 200, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_equals_unpacked_on_its_halves_bit_for_bit(device):
+    x = on(device, torch.randn(33, 2 * 200)).requires_grad_(True)
     y = swiglu_packed(x)
     gate, up = x.detach().chunk(2, dim=-1)
     gate, up = gate.requires_grad_(True), up.requires_grad_(True)
@@ -177,43 +196,44 @@ def test_result_does_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def test_empty_inputs_give_empty_outputs_and_gradients():
-    g = torch.randn(0, 32, requires_grad=True)
-    u = torch.randn(0, 32, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_give_empty_outputs_and_gradients(device):
+    g, u = (t.requires_grad_(True) for t in on(device, torch.randn(0, 32), torch.randn(0, 32)))
     y = swiglu(g, u)
     assert y.shape == (0, 32)
     dg, du = torch.autograd.grad(y.sum(), (g, u))
     assert dg.shape == du.shape == (0, 32)
-    x = torch.randn(3, 0, requires_grad=True)
+    x = on(device, torch.randn(3, 0)).requires_grad_(True)
     yp = swiglu_packed(x)
     assert yp.shape == (3, 0)
     (dx,) = torch.autograd.grad(yp.sum(), (x,))
     assert dx.shape == (3, 0)
 
 
-def test_gradcheck_fp64():
-    g = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)  # float64 runs the reference under the Triton backend
+def test_gradcheck_fp64(device):
+    g, u = (t.requires_grad_(True) for t in on(device, torch.randn(5, 24, dtype=torch.float64),
+                                               torch.randn(5, 24, dtype=torch.float64)))
     assert torch.autograd.gradcheck(swiglu, (g, u))
-    x = torch.randn(3, 4, 2 * 12, dtype=torch.float64, requires_grad=True)
+    x = on(device, torch.randn(3, 4, 2 * 12, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(swiglu_packed, (x,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_every_custom_op(dtype):
-    g = torch.randn(7, 48, dtype=dtype, requires_grad=True)
-    u = torch.randn(7, 48, dtype=dtype, requires_grad=True)
-    x = torch.randn(7, 96, dtype=dtype, requires_grad=True)
-    dout = torch.randn(7, 48, dtype=dtype)
+def test_opcheck_every_custom_op(dtype, device):
+    g, u, x = (t.requires_grad_(True) for t in on(device, torch.randn(7, 48, dtype=dtype),
+                                                  torch.randn(7, 48, dtype=dtype), torch.randn(7, 96, dtype=dtype)))
+    dout = on(device, torch.randn(7, 48, dtype=dtype))
     torch.library.opcheck(torch.ops.mmfuse.swiglu.default, (g, u))
     torch.library.opcheck(torch.ops.mmfuse.swiglu_packed.default, (x,))
     torch.library.opcheck(torch.ops.mmfuse.swiglu_backward.default, (dout, g.detach(), u.detach()))
     torch.library.opcheck(torch.ops.mmfuse.swiglu_packed_backward.default, (dout, x.detach()))
 
 
-def test_runs_under_torch_compile_fullgraph():
-    g, u = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
-    x = torch.randn(4, 128, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runs_under_torch_compile_fullgraph(device):
+    g, u, x = (t.requires_grad_(True) for t in on(device, torch.randn(4, 64), torch.randn(4, 64), torch.randn(4, 128)))
     fn = torch.compile(lambda a, b, c: swiglu(a, b) + swiglu_packed(c), backend="aot_eager", fullgraph=True)
     y = fn(g, u, x)
     grads = torch.autograd.grad(y.sum(), (g, u, x))
@@ -234,10 +254,9 @@ def test_reference_backward_formulas_match_autograd():
     torch.testing.assert_close(reference.swiglu_packed_backward(d, x.detach()), want_x, rtol=1e-12, atol=1e-12)
 
 
-def test_reference_backend_env_gives_same_result(backend_env):
-    g = torch.randn(9, 64, requires_grad=True)
-    u = torch.randn(9, 64, requires_grad=True)
-    x = torch.randn(9, 128, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_backend_env_gives_same_result(backend_env, device):
+    g, u, x = (t.requires_grad_(True) for t in on(device, torch.randn(9, 64), torch.randn(9, 64), torch.randn(9, 128)))
 
     def run():
         y, yp = swiglu(g, u), swiglu_packed(x)

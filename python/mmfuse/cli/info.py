@@ -32,6 +32,16 @@ def _module_version(name: str) -> str | None:
     return getattr(module, "__version__", "unknown")
 
 
+def _triton_status(cuda: bool) -> str:
+    """Whether CUDA tensors will run the Triton kernels (rms_norm, swiglu, rotary, apply_mrope)."""
+    version = _module_version("triton")
+    if version is None:
+        return "triton not installed (CUDA tensors run the reference)"
+    if version.startswith("present but"):
+        return version
+    return f"usable (triton {version})" if cuda else f"no CUDA device (triton {version} installed)"
+
+
 def collect() -> dict:
     import torch
 
@@ -62,7 +72,7 @@ def collect() -> dict:
     report["backends"] = {
         "cpp (cpu)": "usable" if C is not None else f"unavailable: {_core.error()}",
         "reference (any device)": "usable",
-        "triton (cuda)": "not part of this build yet" if cuda else "no CUDA device",
+        "triton (cuda)": _triton_status(cuda),
         "npu (torch_npu)": "not part of this build yet" if npu else "no NPU device",
         "MMFUSE_BACKEND": os.environ.get("MMFUSE_BACKEND", "auto"),
     }

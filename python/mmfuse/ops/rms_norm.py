@@ -65,6 +65,14 @@ def _cpp_bwd(dy, x, weight, eps, dsum):
     return dx, dw
 
 
+def _triton_fwd(x, weight, residual, eps):
+    return _backend.triton_kernels("rms_norm").forward(x, weight, residual, eps, _out_dtype(x, weight))
+
+
+def _triton_bwd(dy, x, weight, eps, dsum):
+    return _backend.triton_kernels("rms_norm").backward(dy.to(_out_dtype(x, weight)), x, weight, eps, dsum)
+
+
 def _reference_bwd(dy, x, weight, eps, dsum):
     # Closed form: autograd is unavailable inside a custom op's implementation.
     dx, dw = reference.rms_norm_backward(dy, x, weight, eps)
@@ -78,8 +86,11 @@ def _reference_bwd(dy, x, weight, eps, dsum):
 @torch.library.custom_op("mmfuse::rms_norm", mutates_args=())
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check("rms_norm", x, weight)
-    if _backend.select("rms_norm", x, weight) == "cpp":
+    backend = _backend.select("rms_norm", x, weight)
+    if backend == "cpp":
         return _cpp_fwd(x, weight, None, eps)[0]
+    if backend == "triton":
+        return _triton_fwd(x, weight, None, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
 
@@ -92,8 +103,11 @@ def _(x, weight, eps):
 @torch.library.custom_op("mmfuse::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                        dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.select("rms_norm_backward", x, weight) == "cpp":
+    backend = _backend.select("rms_norm_backward", x, weight)
+    if backend == "cpp":
         return _cpp_bwd(dy, x, weight, eps, dsum)
+    if backend == "triton":
+        return _triton_bwd(dy, x, weight, eps, dsum)
     return _reference_bwd(dy, x, weight, eps, dsum)
 
 
@@ -123,8 +137,11 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check("add_rms_norm", x, weight, residual)
-    if _backend.select("add_rms_norm", x, residual, weight) == "cpp":
+    backend = _backend.select("add_rms_norm", x, residual, weight)
+    if backend == "cpp":
         return _cpp_fwd(x, weight, residual, eps)
+    if backend == "triton":
+        return _triton_fwd(x, weight, residual, eps)
     normed, summed = reference.add_rms_norm(x, residual, weight, eps)
     return normed, summed
 

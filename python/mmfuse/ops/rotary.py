@@ -129,8 +129,11 @@ def _rotary_cpp(x, cos, sin, interleaved, inverse):
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
             inverse: bool) -> torch.Tensor:
     _check_rotary("rotary", x, cos, sin)
-    if _backend.select("rotary", x, cos, sin) == "cpp":
+    backend = _backend.select("rotary", x, cos, sin)
+    if backend == "cpp":
         return _rotary_cpp(x, cos, sin, interleaved, inverse)
+    if backend == "triton":
+        return _backend.triton_kernels("rotary").rotary(x, cos, sin, interleaved, inverse)
     return reference.rotary(x, cos, -sin if inverse else sin, interleaved)
 
 
@@ -177,7 +180,8 @@ def _mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
     check_same_device("mrope_cos_sin", position_ids=position_ids, inv_freq=inv_freq)
     if _backend.select("mrope_cos_sin", position_ids, inv_freq) == "cpp":
         return _mrope_cos_sin_cpp(position_ids, inv_freq, mrope_section)
-    return reference.mrope_cos_sin(position_ids, inv_freq, mrope_section)
+    cos, sin = reference.mrope_cos_sin(position_ids, inv_freq, mrope_section)
+    return cos.contiguous(), sin.contiguous()  # the reference's are transposed views; the fake promises [T, D/2] rows
 
 
 @_mrope_cos_sin.register_fake
@@ -214,8 +218,11 @@ def _apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, inverse)
 def _apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                  mrope_section: list[int], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_mrope("apply_mrope", q, k, position_ids, inv_freq, mrope_section)
-    if _backend.select("apply_mrope", q, k, position_ids, inv_freq) == "cpp":
+    backend = _backend.select("apply_mrope", q, k, position_ids, inv_freq)
+    if backend == "cpp":
         return _apply_mrope_cpp(q, k, position_ids, inv_freq, mrope_section, inverse)
+    if backend == "triton":
+        return _backend.triton_kernels("mrope").apply_mrope(q, k, position_ids, inv_freq, mrope_section, inverse)
     return _apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, inverse)
 
 

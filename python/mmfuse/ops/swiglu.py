@@ -117,7 +117,10 @@ def _swiglu_packed_backward_cpp(dout, x):
 @torch.library.custom_op("mmfuse::swiglu", mutates_args=())
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check("swiglu", gate, up)
-    if _backend.select("swiglu", gate, up) == "cpp":
+    backend = _backend.select("swiglu", gate, up)
+    if backend == "triton":
+        return _backend.triton_kernels("swiglu").forward(gate, up)
+    if backend == "cpp":
         if gate.numel() == 0:
             return torch.empty(gate.shape, dtype=gate.dtype)
         return _swiglu_cpp(gate, up)
@@ -135,7 +138,10 @@ def _swiglu_backward(dout: torch.Tensor, gate: torch.Tensor,
                      up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check("swiglu_backward", gate, up)
     _check_dout("swiglu_backward", dout, gate.shape, gate)
-    if _backend.select("swiglu_backward", dout, gate, up) == "cpp":
+    backend = _backend.select("swiglu_backward", dout, gate, up)
+    if backend == "triton":
+        return _backend.triton_kernels("swiglu").backward(dout, gate, up)
+    if backend == "cpp":
         if gate.numel() == 0:
             return torch.empty(gate.shape, dtype=gate.dtype), torch.empty(up.shape, dtype=up.dtype)
         return _swiglu_backward_cpp(dout, gate, up)
@@ -164,7 +170,10 @@ _swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 @torch.library.custom_op("mmfuse::swiglu_packed", mutates_args=())
 def _swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     _check_packed("swiglu_packed", x)
-    if _backend.select("swiglu_packed", x) == "cpp":
+    backend = _backend.select("swiglu_packed", x)
+    if backend == "triton":
+        return _backend.triton_kernels("swiglu").packed_forward(x)
+    if backend == "cpp":
         if x.numel() == 0:
             return torch.empty(_half_shape(x), dtype=x.dtype)
         return _swiglu_packed_cpp(x)
@@ -181,7 +190,10 @@ def _(x):
 def _swiglu_packed_backward(dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     _check_packed("swiglu_packed_backward", x)
     _check_dout("swiglu_packed_backward", dout, torch.Size(_half_shape(x)), x)
-    if _backend.select("swiglu_packed_backward", dout, x) == "cpp":
+    backend = _backend.select("swiglu_packed_backward", dout, x)
+    if backend == "triton":
+        return _backend.triton_kernels("swiglu").packed_backward(dout, x)
+    if backend == "cpp":
         if x.numel() == 0:
             return torch.empty(x.shape, dtype=x.dtype)
         return _swiglu_packed_backward_cpp(dout, x)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
+# build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
+# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile.
+#
+#   bash bench/gpu_check.sh      # results: $OUT/gpu-<card>-<date>.json, else bench/results/
+#
+# Each step runs under its own time limit (110 + 150 + 90 s: the whole check stays under 6
+# minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
+# the first failed step. PYTHON picks the interpreter (default: python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+RESULTS=${OUT:-bench/results}
+mkdir -p "$RESULTS"
+export MMFUSE_COMMIT=${MMFUSE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# Triton's interpreter is for CPU-only test runs; on a GPU the kernels must be compiled.
+unset TRITON_INTERPRET MMFUSE_BACKEND
+status=0
+
+step() {  # step NAME LIMIT_S CMD...: run CMD under a time limit, remember the first failure
+  local name=$1 limit=$2 rc=0
+  shift 2
+  printf '\n== %s (limit %ss, %ss elapsed)\n' "$name" "$limit" "$SECONDS"
+  # SIGINT first: pytest then still prints its summary; KILL 10 s later if that does not end it.
+  timeout --signal=INT --kill-after=10 "$limit" "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -eq 124 ]; then echo "!! $name: time limit of ${limit}s reached"; else echo "!! $name: exit $rc"; fi
+    if [ "$status" -eq 0 ]; then status=$rc; fi
+  fi
+}
+
+printf '== versions (commit %s)\n' "$MMFUSE_COMMIT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
+"$PY" - <<'EOF'
+import platform
+import torch
+print(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
+      f"cudnn {torch.backends.cudnn.version()}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton NOT installed: CUDA tensors would run the reference")
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+EOF
+
+step "build (pip install --no-build-isolation --no-deps .)" 110 \
+  "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
+
+# The tests import the installed mmfuse (no PYTHONPATH=python); `-k triton` selects the Triton
+# cases, which run on CUDA tensors here, every shape of the CPU suite included. Most of the time
+# goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns).
+step "op tests on cuda (Triton backend)" 150 \
+  "$PY" -m pytest -q -p no:cacheprovider -k triton \
+  tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py \
+  tests/ops/test_backend.py
+
+step "bandwidth benchmark" 90 \
+  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 60
+
+printf '\n== done in %ss, status %s; results in %s\n' "$SECONDS" "$status" "$RESULTS"
+exit "$status"
