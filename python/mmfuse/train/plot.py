@@ -73,12 +73,9 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xs: list[f
     pts = [px(x, y) for x, y in zip(xs, ys)]
     draw.line(pts, fill=tuple(min(255, c + 120) for c in colour) if smooth else colour, width=1)
     if smooth and len(ys) > smooth:
-        avg, acc = [], 0.0
-        for i, y in enumerate(ys):
-            acc += y
-            if i >= smooth:
-                acc -= ys[i - smooth]
-            avg.append(acc / min(i + 1, smooth))
+        half = smooth // 2                     # centred window, so the mean does not lag the raw curve
+        avg = [sum(ys[max(0, i - half):i + half + 1]) / len(ys[max(0, i - half):i + half + 1])
+               for i in range(len(ys))]
         draw.line([px(x, y) for x, y in zip(xs, avg)], fill=colour, width=2)
 
 
@@ -91,7 +88,7 @@ def plot_metrics(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     draw = ImageDraw.Draw(img)
     smooth = max(1, len(rows) // 20)
     _panel(draw, (MARGIN, 40, WIDTH - 24, HEIGHT - 40), steps, [float(r["loss"]) for r in rows],
-           f"loss per step (thin) and its {smooth}-step mean — {Path(path).name}", (31, 119, 180), smooth)
+           f"loss per step (thin) and its centred {smooth}-step mean: {Path(path).name}", (31, 119, 180), smooth)
     tps_key = "tokens_per_s" if "tokens_per_s" in rows[0] else None
     if tps_key:
         _panel(draw, (MARGIN, HEIGHT + 40, WIDTH - 24, 2 * HEIGHT - 40), steps, [float(r[tps_key]) for r in rows],
