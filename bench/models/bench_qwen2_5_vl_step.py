@@ -62,13 +62,14 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.models import step_tables  # noqa: E402
 from bench.models.peak_memory import PeakRss, live_tensor_peak  # noqa: E402
-from bench.models.step_tables import (FWD_BWD, HF_PADDED, HF_PER_SAMPLE, MMFUSE, MODES, SCHEMA,  # noqa: E402
-                                      WITH_ADAMW)
+from bench.models.step_tables import (FWD_BWD, HF_PADDED, HF_PER_SAMPLE, MMFUSE, MMFUSE_RECOMPUTE,  # noqa: E402
+                                      MODES, SCHEMA, WITH_ADAMW)
+from mmfuse.models.common.recompute import RecomputeConfig  # noqa: E402
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig  # noqa: E402
 from mmfuse.models.qwen2_5_vl.model import shift_labels  # noqa: E402
 from mmfuse.train.metrics import step_flops  # noqa: E402
 
-PROVIDERS = (MMFUSE, HF_PER_SAMPLE, HF_PADDED)
+PROVIDERS = (MMFUSE, MMFUSE_RECOMPUTE, HF_PER_SAMPLE, HF_PADDED)
 LOSS_RTOL = 1e-4
 IGNORE = -100
 
@@ -175,8 +176,11 @@ def write_weights(cfg: Qwen2_5_VLConfig, seed: int, out_dir: Path) -> None:
 
 
 def load_model(provider: str, weights_dir: Path) -> torch.nn.Module:
-    if provider == MMFUSE:
+    if provider in (MMFUSE, MMFUSE_RECOMPUTE):
         model = Qwen2_5_VL.from_pretrained(weights_dir)
+        if provider == MMFUSE_RECOMPUTE:
+            full = RecomputeConfig("full", "uniform", 1)
+            model.set_recompute(vision=full, text=full)
     else:
         import transformers
 
@@ -187,7 +191,7 @@ def load_model(provider: str, weights_dir: Path) -> torch.nn.Module:
 
 def loss_and_backward(provider: str, model, batch: Batch, backward: bool = True) -> torch.Tensor:
     """The batch's mean loss (detached), after its backward when asked."""
-    if provider == MMFUSE:
+    if provider in (MMFUSE, MMFUSE_RECOMPUTE):
         losses = [model(**batch.packed, labels=batch.labels).loss]
     elif provider == HF_PER_SAMPLE:
         losses = []
@@ -411,7 +415,7 @@ def bench_size(size: str, args, tmp: Path, say: Callable[[str], None]) -> dict:
               "losses": losses, "records": records}
     if args.profile:
         result["profile"] = {}
-        for p in (MMFUSE, step_tables.baseline_of(records, FWD_BWD)):
+        for p in (MMFUSE, MMFUSE_RECOMPUTE, step_tables.baseline_of(records, FWD_BWD)):
             result["profile"][p] = profile_step(p, models[p], batch)
             say(f"{size}: profiled {p}")
     del models
