@@ -30,7 +30,7 @@ DATA_JSON = {
                  "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                  "observation_tag": None, "function_tag": None, "system_tag": None},
     },
-    "dataloader_param": {"dataloader_mode": "sampler", "drop_last": True},
+    "dataloader_param": {"dataloader_mode": "sampler", "drop_last": True, "num_workers": 2},
 }
 
 
@@ -41,6 +41,7 @@ def test_data_json_fields_map_into_the_typed_config():
     assert (cfg.image_max_pixels, cfg.video_max_pixels, cfg.cache_dir) == (65536, 16384, "./data/cache_dir")
     assert cfg.attr.videos is None and cfg.attr.system_tag is None
     assert "dataset_param.basic_parameters.preprocessing_num_workers" in cfg.ignored
+    assert cfg.num_workers == 2   # from dataloader_param: per-rank loader workers, as here
 
 
 def test_data_json_unknown_or_unsupported_keys_are_named():

@@ -27,7 +27,8 @@ class DataConfig:
     train_on_prompt: bool = False          # also compute loss on prompt tokens
     mask_history: bool = False             # loss on the last answer only; truncation drops oldest turns first
     max_samples: int | None = None         # read only the first N records of each file (quick trials)
-    cache_dir: str | None = None           # accepted for data.json compatibility; samples are processed on the fly
+    cache_dir: str | None = None           # folder of the preprocessing cache (processed samples); None: no cache
+    num_workers: int = 0                   # worker processes decoding/processing samples per rank; 0: in-process
     image_min_pixels: int = 0              # images smaller than this are scaled up (NEAREST) before the processor
     image_max_pixels: int = 262144         # images larger than this are scaled down (NEAREST); data.json default
     video_min_pixels: int = 0              # same bounds per video frame
@@ -90,6 +91,12 @@ class DataConfig:
                     raise ValueError(f"{where}: unknown key {path}; known: "
                                      f"{sorted(set(mapping) | set(_NO_EFFECT_KEYS) | set(_MUST_BE_OFF))}")
         attr = DatasetAttr.from_dict(dp.get("attr"), where=f"{where}: dataset_param.attr")
+        # dataloader_param.num_workers is MindSpeed-MM's per-rank DataLoader worker count, which is what
+        # num_workers is here. preprocessing_num_workers sizes its one-off HF-datasets map (all samples
+        # processed up front, on one node); here processing happens while training, so it has no effect.
+        loader = d.get("dataloader_param") or {}
+        if loader.get("num_workers") is not None:
+            values["num_workers"] = loader["num_workers"]
         if isinstance(values.get("dataset"), str):
             values["dataset"] = _split_list(values["dataset"])
         cfg = build(cls, values, f"{where}: dataset_param")
@@ -141,6 +148,8 @@ class DataConfig:
                 problems.append("model_name_or_path: not set (the folder with tokenizer.json)")
             elif not (Path(self.model_dir) / "tokenizer.json").is_file():
                 problems.append(f"{name}: {self.model_dir} has no tokenizer.json")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            problems.append(f"num_workers: must be an integer >= 0, got {self.num_workers!r}")
         for name in ("cutoff_len", "max_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

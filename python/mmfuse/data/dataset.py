@@ -1,16 +1,24 @@
 """The configured dataset: MLLM files -> validated samples -> (images, videos, chat template) ->
 ProcessedSample. Structure and file existence are checked for every sample when the dataset is
-built; decoding and tokenising happen per sample when it is read. A bad sample is skipped and
-counted in `report` with its file and index; reading never raises for one sample."""
+built; decoding and tokenising happen per sample when it is read (or come from the preprocessing
+cache in `cache_dir`). A bad sample is skipped and counted in `report` with its file and index;
+reading never raises for one sample.
+
+Reading is split in two so that worker processes can do the heavy half: `fetch_sample` (decode,
+process, cache; no shared state) and `record` (skip report, cache counters; in the main process)."""
 
 from __future__ import annotations
 
+import copy
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from mmfuse.data.cache import Fetched, SampleCache
 from mmfuse.data.config import DataConfig, load_data_config
 from mmfuse.data.media import load_image, load_video
 from mmfuse.data.mllm import MLLMSample, load_samples
@@ -18,6 +26,8 @@ from mmfuse.data.packing import ProcessedSample
 from mmfuse.data.report import SampleError, SkipReport
 from mmfuse.data.template import get_template
 from mmfuse.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataConfig", "ImageProcessor", "MLLMDataset", "default_processor", "load_data_config"]
 
@@ -60,6 +70,9 @@ class MLLMDataset:
             self.samples += load_samples(path, config.attr, config.dataset_dir, check_files=True,
                                          max_samples=config.max_samples, report=self.report)
         self._bad: set[int] = set()    # indices already counted as skipped (count each sample once)
+        self.cache = (SampleCache(config.cache_dir, config, self.tokenizer, self.processor)
+                      if config.cache_dir else None)
+        self.cache_stats: Counter = Counter()   # "hit" / "miss" / "corrupt" (recomputed) / "write_failed"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -103,17 +116,62 @@ class MLLMDataset:
         """The processed sample, or None if it is unusable (counted in `report` the first time)."""
         if index in self._bad:
             return None
-        sample = self.samples[index]
+        return self.record(index, self.fetch_sample(self.samples[index]))
+
+    def fetch_sample(self, sample: MLLMSample) -> Fetched:
+        """Process `sample` (or read it from the cache and store it there); touches no shared state,
+        so worker processes can run it."""
+        path = None
+        if self.cache is not None:
+            try:
+                path = self.cache.path(sample)
+            except OSError:   # a media file vanished since start-up: process() names it as missing
+                path = None
+        corrupt = ""
+        if path is not None:
+            hit = self.cache.get(path)
+            if hit is not None and hit.cache == "hit":
+                if hit.sample is not None:
+                    hit.sample.where = sample.where
+                return hit
+            corrupt = hit.cache_note if hit is not None else ""
         try:
-            return self.process(sample)
+            fetched = Fetched(self.process(sample))
         except SampleError as err:
-            self._bad.add(index)
-            self.report.add_error(err, sample.where)
-            return None
+            fetched = Fetched(None, (err.reason, err.detail))
         except Exception as exc:   # e.g. a processor failing on an odd image: count it, keep training
-            self._bad.add(index)
-            self.report.add("processing_error", sample.where, f"{type(exc).__name__}: {exc}")
+            fetched = Fetched(None, ("processing_error", f"{type(exc).__name__}: {exc}"))
+        if path is None:
+            return fetched
+        fetched.cache, fetched.cache_note = ("corrupt", corrupt) if corrupt else ("miss", "")
+        # Unexpected exceptions may be transient (a network file system hiccup): recompute those next run.
+        if fetched.skip is None or fetched.skip[0] != "processing_error":
+            failed = self.cache.put(path, fetched)
+            if failed:
+                fetched.cache_note = failed
+                fetched.cache = "write_failed"
+        return fetched
+
+    def record(self, index: int, fetched: Fetched) -> ProcessedSample | None:
+        """Count what `fetch_sample` found (in the process that owns the report) and return the sample."""
+        if fetched.cache != "off":
+            self.cache_stats[fetched.cache] += 1
+            if fetched.cache in ("corrupt", "write_failed"):
+                log.warning("preprocessing cache (%s): %s", fetched.cache, fetched.cache_note)
+        if fetched.skip is not None:
+            if index not in self._bad:
+                self._bad.add(index)
+                reason, detail = fetched.skip
+                self.report.add(reason, self.samples[index].where, detail)
             return None
+        return fetched.sample
+
+    def for_worker(self) -> "MLLMDataset":
+        """A copy without the sample list, report or counters: what a worker process needs to run
+        `fetch_sample` (the samples travel with each task, so 150k records are not copied per worker)."""
+        clone = copy.copy(self)
+        clone.samples, clone.report, clone._bad, clone.cache_stats = [], SkipReport(), set(), Counter()
+        return clone
 
     def __iter__(self) -> Iterator[ProcessedSample]:
         for i in range(len(self)):

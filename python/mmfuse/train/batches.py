@@ -9,6 +9,7 @@ from mmfuse.data.config import DataConfig
 from mmfuse.data.dataset import MLLMDataset
 from mmfuse.data.packing import packed_stream
 from mmfuse.data.sampler import ShardedSampler
+from mmfuse.data.workers import sample_loader
 from mmfuse.train.config import RunConfig, weights_dir
 
 BATCH_FIELDS = ("input_ids", "labels", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -39,9 +40,12 @@ class TrainBatches:
         self._state = self.sampler.state_dict()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in packed_stream(self.sampler, self.dataset.load, self.seq_length, self.report):
-            self._state = batch.resume_state
-            yield {k: getattr(batch, k, None) for k in BATCH_FIELDS}
+        # Workers (data.num_workers) start here, from the sampler's current (possibly resumed) position,
+        # and stop when the stream is closed or fails.
+        with sample_loader(self.dataset, self.sampler, self.dataset.config.num_workers) as load:
+            for batch in packed_stream(self.sampler, load, self.seq_length, self.report):
+                self._state = batch.resume_state
+                yield {k: getattr(batch, k, None) for k in BATCH_FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": dict(self._state)}
