@@ -57,6 +57,10 @@ constexpr int64_t kBK = 128;  // backward: key rows per tile (a multiple of kNR)
 constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR)
 constexpr int64_t kFK = 144;  // forward: key rows per tile
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
+// Short-sequence path: sequences of at most kShortLen query and key rows are staged (all their heads, or a
+// chunk of kv heads whose operands fit kStageBytes, about half an L2 of the 2 MiB this was tuned on).
+constexpr int64_t kShortLen = 256;
+constexpr int64_t kStageBytes = int64_t(3) << 19;
 
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -65,7 +69,7 @@ constexpr int kVW = 8;
 #else
 constexpr int kVW = 4;  // SSE2 / NEON
 #endif
-constexpr int kNR = 2 * kVW;  // columns of C per micro-kernel call: two vectors
+constexpr int kNR = 2 * kVW;  // columns of C per micro-kernel call: two vectors (one for a last, half block)
 // Rows of C per micro-kernel call: 2 kMR accumulators + 2 B vectors + 1 broadcast registers (32 with
 // AVX-512, 16 otherwise).
 constexpr int kMR = kVW == 16 ? 12 : 6;
@@ -81,49 +85,56 @@ inline void vstore(float* p, vecf v) { std::memcpy(p, &v, sizeof v); }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[R x kNR] (+)= A[R x K] B[K x kNR]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
+// C[R x NV*kVW] (+)= A[R x K] B[K x NV*kVW]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
 // read transposed), B rows are ldb apart, C rows ldc apart.
-template <int R>
+template <int R, int NV>
 inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
                          float* C, int64_t ldc, bool accumulate) {
   vecf c0[R], c1[R];
   for (int r = 0; r < R; ++r) {
-    if (accumulate) {
-      c0[r] = vload(C + r * ldc);
-      c1[r] = vload(C + r * ldc + kVW);
-    } else {
-      c0[r] = vecf{};
-      c1[r] = vecf{};
-    }
+    c0[r] = accumulate ? vload(C + r * ldc) : vecf{};
+    if constexpr (NV == 2) c1[r] = accumulate ? vload(C + r * ldc + kVW) : vecf{};
   }
   for (int64_t kk = 0; kk < K; ++kk) {
-    const vecf b0 = vload(B + kk * ldb), b1 = vload(B + kk * ldb + kVW);
+    const vecf b0 = vload(B + kk * ldb);
+    vecf b1{};
+    if constexpr (NV == 2) b1 = vload(B + kk * ldb + kVW);
     const float* a = A + kk * aks;
     for (int r = 0; r < R; ++r) {
       const float ar = a[r * ars];  // scalar * vector: one broadcast ({1to16} operand with AVX-512)
       c0[r] += ar * b0;
-      c1[r] += ar * b1;
+      if constexpr (NV == 2) c1[r] += ar * b1;
     }
   }
   for (int r = 0; r < R; ++r) {
     vstore(C + r * ldc, c0[r]);
-    vstore(C + r * ldc + kVW, c1[r]);
+    if constexpr (NV == 2) vstore(C + r * ldc + kVW, c1[r]);
   }
 }
 
-// micro_kernel<rows> for 1 <= rows <= R.
-template <int R>
+// micro_kernel<rows, NV> for 1 <= rows <= R.
+template <int R, int NV>
 inline void micro_kernel_tail(int64_t rows, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
                               int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if constexpr (R > 0) {
     if (rows == R)
-      micro_kernel<R>(K, A, ars, aks, B, ldb, C, ldc, accumulate);
+      micro_kernel<R, NV>(K, A, ars, aks, B, ldb, C, ldc, accumulate);
     else
-      micro_kernel_tail<R - 1>(rows, K, A, ars, aks, B, ldb, C, ldc, accumulate);
+      micro_kernel_tail<R - 1, NV>(rows, K, A, ars, aks, B, ldb, C, ldc, accumulate);
   }
 }
 
-// C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kNR (callers pad B and C with zeros).
+template <int NV>
+inline void gemm_block(int64_t M, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
+                       float* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) micro_kernel<kMR, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
+  if (m < M) micro_kernel_tail<kMR - 1, NV>(M - m, K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
+}
+
+// C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kVW (callers pad B and C with zeros); column blocks are
+// kNR wide, the last one kVW wide when N is an odd number of vectors (head dim 80 with AVX-512: 80 columns
+// computed, not 96).
 // Column block n0 / kNR of B starts bps floats after the previous one (kNR for a plain row-major B;
 // panel-packed operands store each kNR-wide block contiguously over K, bps = K * kNR, ldb = kNR).
 template <typename M_>
@@ -131,10 +142,10 @@ void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_
                M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR) {
   if constexpr (std::is_same_v<M_, float>) {
     for (int64_t n0 = 0; n0 < N; n0 += kNR, B += bps - kNR) {
-      int64_t m = 0;
-      for (; m + kMR <= M; m += kMR)
-        micro_kernel<kMR>(K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
-      if (m < M) micro_kernel_tail<kMR - 1>(M - m, K, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, accumulate);
+      if (N - n0 >= kNR)
+        gemm_block<2>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
+      else
+        gemm_block<1>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
     }
   } else {  // fp64 (gradcheck only): plain loops
     for (int64_t m = 0; m < M; ++m) {
@@ -182,18 +193,63 @@ struct SeqMask {
   }
 };
 
-// Work items over (sequence, tile): tile t of the flattened list covers rows [row0, row0 + n) of
-// sequence seq. Built once per call; O(total tiles) memory.
+// Which sequences take the short path, and its work items. A sequence of at most kShortLen query and key
+// rows whose staged operands for one kv head (bytes_per_kv_head(lq, lk)) fit kStageBytes is one or more
+// items of chunk[b] kv heads each (with their query heads): the item reads the sequence's rows token by
+// token, all heads of the chunk at once, into per-head buffers. chunk[b] = 0: the tiled path.
+struct ShortPlan {
+  std::unique_ptr<int64_t[]> chunk, seq, hk0;
+  int64_t count = 0, max_lq = 0, max_lk = 0;
+  template <typename F>
+  ShortPlan(const AttentionShape& a, int threads, F&& bytes_per_kv_head) : chunk(new int64_t[a.batch + 1]) {
+    const int32_t *cq = a.cu_seqlens_q, *ck = a.cu_seqlens_k;
+    int64_t seqs = 0;
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t lq = cq[b + 1] - cq[b], lk = ck[b + 1] - ck[b];
+      const int64_t per_head = bytes_per_kv_head(lq, lk);
+      chunk[b] = lq <= kShortLen && lk <= kShortLen && (lq > 0 || lk > 0) && per_head <= kStageBytes
+                     ? std::min<int64_t>(a.heads_k, kStageBytes / per_head)
+                     : 0;
+      if (chunk[b] > 0) {
+        ++seqs;
+        max_lq = std::max(max_lq, lq);
+        max_lk = std::max(max_lk, lk);
+      }
+    }
+    // At least 4 items per thread where the heads allow it (a few short sequences alone).
+    const int64_t cap = std::max<int64_t>(1, a.heads_k * seqs / (4 * int64_t(threads)));
+    for (int64_t b = 0; b < a.batch; ++b)
+      if (chunk[b] > 0) {
+        chunk[b] = std::min(chunk[b], cap);
+        chunk[b] = (a.heads_k + (a.heads_k + chunk[b] - 1) / chunk[b] - 1) / ((a.heads_k + chunk[b] - 1) / chunk[b]);
+        count += (a.heads_k + chunk[b] - 1) / chunk[b];
+      }
+    seq.reset(new int64_t[count > 0 ? count : 1]);
+    hk0.reset(new int64_t[count > 0 ? count : 1]);
+    int64_t s = 0;
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t h = 0; chunk[b] > 0 && h < a.heads_k; h += chunk[b]) {
+        seq[s] = b;
+        hk0[s] = h;
+        ++s;
+      }
+  }
+  bool is_short(int64_t b) const { return chunk[b] > 0; }
+};
+
+// Work items over (sequence, tile) of the sequences that take the tiled path: tile t of the flattened list
+// covers rows [row0, row0 + n) of sequence seq. Built once per call; O(total tiles) memory.
 struct TileList {
   std::unique_ptr<int64_t[]> seq, row0;
   int64_t count = 0;
-  TileList(const int32_t* cu, int64_t batch, int64_t tile) {
-    for (int64_t b = 0; b < batch; ++b) count += (cu[b + 1] - cu[b] + tile - 1) / tile;
+  TileList(const int32_t* cu, int64_t batch, int64_t tile, const ShortPlan& plan) {
+    for (int64_t b = 0; b < batch; ++b)
+      if (!plan.is_short(b)) count += (cu[b + 1] - cu[b] + tile - 1) / tile;
     seq.reset(new int64_t[count > 0 ? count : 1]);
     row0.reset(new int64_t[count > 0 ? count : 1]);
     int64_t t = 0;
     for (int64_t b = 0; b < batch; ++b)
-      for (int64_t r = 0; r < cu[b + 1] - cu[b]; r += tile) {
+      for (int64_t r = 0; !plan.is_short(b) && r < cu[b + 1] - cu[b]; r += tile) {
         seq[t] = b;
         row0[t] = r;
         ++t;
@@ -201,60 +257,126 @@ struct TileList {
   }
 };
 
-// Load rows [r0, r0 + n) of head h of a [T, H, D] tensor into dst [n x ld] in the math type
-// (times `mul`); columns D .. ld stay as they are (zero from allocation).
+// ---- one row of a [T, H, D] tensor into the layouts the products read -------------------------------
+
+// Plain: d[c] = s[c] * mul, c < D.
+template <typename T, typename M_>
+inline void put_row(const T* s, int64_t D, M_* d, M_ mul) {
+  load_row<T>(s, d, D);
+  if (mul != M_(1)) {
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) d[c] *= mul;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define MMFUSE_ATTN_SHUFFLE 1
+typedef int32_t veci __attribute__((vector_size(kVW * sizeof(int32_t))));
+
+// In-register transpose of a kVW x kVW block: log2(kVW) rounds, round d exchanging the off-diagonal d x d
+// blocks of every 2d x 2d block with two-source shuffles (one vpermt2ps each with AVX-512).
+template <int d>
+inline void transpose_rounds(vecf* x) {
+  if constexpr (d >= 1) {
+    veci lo, hi;
+#pragma GCC unroll 16
+    for (int p = 0; p < kVW; ++p) {
+      lo[p] = (p & d) ? kVW + p - d : p;
+      hi[p] = (p & d) ? kVW + p : p + d;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kVW; ++i)
+      if ((i & d) == 0) {
+        const vecf a = x[i], b = x[i + d];
+        x[i] = __builtin_shuffle(a, b, lo);
+        x[i + d] = __builtin_shuffle(a, b, hi);
+      }
+    transpose_rounds<d / 2>(x);
+  }
+}
+#endif
+
+// Rows [0, n) (n <= kVW) of one head, `lds` elements of src apart, transposed: dst[c * ldd + r] = row r,
+// column c, times mul, for c < D and every r < kVW (rows n .. kVW are zeros). tmp: kVW rows of
+// round_up(D, kVW), zero beyond D. One scalar store per element cost 3 instructions (extract, store,
+// address); the block transpose takes log2(kVW) shuffles per vector of kVW elements.
+template <typename T, typename M_>
+void put_rows_transposed(const T* src, int64_t lds, int64_t n, int64_t D, M_* dst, int64_t ldd, M_* tmp, M_ mul) {
+  const int64_t Dv = round_up(D, kVW);
+  for (int64_t r = 0; r < kVW; ++r) {
+    if (r < n)
+      load_row<T>(src + r * lds, tmp + r * Dv, D);
+    else
+      std::memset(tmp + r * Dv, 0, sizeof(M_) * D);
+  }
+#if defined(MMFUSE_ATTN_SHUFFLE)
+  if constexpr (std::is_same_v<M_, float>) {
+    for (int64_t c0 = 0; c0 < D; c0 += kVW) {
+      vecf x[kVW];
+#pragma GCC unroll 16
+      for (int r = 0; r < kVW; ++r) x[r] = vload(tmp + r * Dv + c0) * mul;
+      transpose_rounds<kVW / 2>(x);
+      const int64_t nc = std::min<int64_t>(kVW, D - c0);
+#pragma GCC unroll 16
+      for (int c = 0; c < kVW; ++c)
+        if (c < nc) vstore(dst + (c0 + c) * ldd, x[c]);
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < kVW; ++r)
+    for (int64_t c = 0; c < D; ++c) dst[c * ldd + r] = tmp[r * Dv + c] * mul;
+}
+
+// Row r of a panel-packed block (d = block + r * kNR, panels `panel` floats apart): element c goes to
+// d[(c / kNR) * panel + c % kNR] for c < Dpn (columns D .. Dpn: row_buf's, which stay zero).
+template <typename T, typename M_>
+inline void put_row_panels(const T* s, int64_t D, int64_t Dpn, M_* d, int64_t panel, M_* row_buf) {
+  load_row<T>(s, row_buf, D);
+  for (int64_t p = 0; p < Dpn; p += kNR, d += panel) {
+    if constexpr (std::is_same_v<M_, float>) {
+      vstore(d, vload(row_buf + p));
+      vstore(d + kVW, vload(row_buf + p + kVW));
+    } else {
+      std::memcpy(d, row_buf + p, sizeof(M_) * kNR);
+    }
+  }
+}
+
+// ---- tiles of one head (the tiled path) ----------------------------------------------------------------
+
+// Rows [r0, r0 + n) of head h into dst [n x ld] (times mul); columns D .. ld stay as they are.
 template <typename T, typename M_>
 void load_rows(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst, int64_t ld, M_ mul) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T* s = src + ((r0 + r) * H + h) * D;
-    M_* d = dst + r * ld;
-    load_row<T>(s, d, D);
-    if (mul != M_(1)) {
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c) d[c] *= mul;
-    }
-  }
+  for (int64_t r = 0; r < n; ++r) put_row<T, M_>(src + ((r0 + r) * H + h) * D, D, dst + r * ld, mul);
 }
 
-// Transposed: dst[c * ld + r] = src row r, column c, for r < n (columns n .. ld keep zeros or stale
-// values of earlier tiles; the callers never read them).
+// Transposed: dst[c * ld + r] (times mul), r < round_up(n, kVW) (columns n .. that are zero; columns beyond
+// keep zeros or stale values of earlier tiles, which the callers never read).
 template <typename T, typename M_>
 void load_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst, int64_t ld,
-                          M_* row_buf) {
-  for (int64_t r = 0; r < n; ++r) {
-    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
-    for (int64_t c = 0; c < D; ++c) dst[c * ld + r] = row_buf[c];
-  }
+                          M_* tmp, M_ mul) {
+  for (int64_t r = 0; r < n; r += kVW)
+    put_rows_transposed<T, M_>(src + ((r0 + r) * H + h) * D, H * D, std::min<int64_t>(kVW, n - r), D, dst + r, ld, tmp,
+                               mul);
 }
 
-// Panel-packed rows: element (r, c) of rows [r0, r0 + n) goes to dst[(c / kNR) * n * kNR + r * kNR + c % kNR]
-// for c < Dp (columns D .. Dp zero), so a micro-kernel column block reads n * kNR contiguous floats.
+// Panel-packed rows: element (r, c) goes to dst[(c / kNR) * n * kNR + r * kNR + c % kNR] for c < Dpn (columns
+// D .. Dpn zero), so a micro-kernel column block reads n * kNR contiguous floats.
 template <typename T, typename M_>
-void pack_rows(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, int64_t Dp, M_* dst,
+void pack_rows(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, int64_t Dpn, M_* dst,
                M_* row_buf) {
-  for (int64_t c = D; c < Dp; ++c) row_buf[c] = 0;
-  for (int64_t r = 0; r < n; ++r) {
-    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
-    for (int64_t p = 0; p < Dp; p += kNR) {
-      if constexpr (std::is_same_v<M_, float>) {
-        vstore(dst + p * n + r * kNR, vload(row_buf + p));
-        vstore(dst + p * n + r * kNR + kVW, vload(row_buf + p + kVW));
-      } else {
-        std::memcpy(dst + p * n + r * kNR, row_buf + p, sizeof(M_) * kNR);
-      }
-    }
-  }
+  for (int64_t r = 0; r < n; ++r)
+    put_row_panels<T, M_>(src + ((r0 + r) * H + h) * D, D, Dpn, dst + r * kNR, n * kNR, row_buf);
 }
 
 // Panel-packed transpose (times mul): element (r, c) goes to dst[(r / kNR) * D * kNR + c * kNR + r % kNR].
 template <typename T, typename M_>
-void pack_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst,
-                          M_* row_buf, M_ mul) {
-  for (int64_t r = 0; r < n; ++r) {
-    load_row<T>(src + ((r0 + r) * H + h) * D, row_buf, D);
-    M_* d = dst + (r / kNR) * D * kNR + r % kNR;
-    for (int64_t c = 0; c < D; ++c) d[c * kNR] = row_buf[c] * mul;
-  }
+void pack_rows_transposed(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h, int64_t D, M_* dst, M_* tmp,
+                          M_ mul) {
+  for (int64_t r = 0; r < n; r += kVW)
+    put_rows_transposed<T, M_>(src + ((r0 + r) * H + h) * D, H * D, std::min<int64_t>(kVW, n - r), D,
+                               dst + (r / kNR) * D * kNR + r % kNR, kNR, tmp, mul);
 }
 
 template <typename T, typename M_>
@@ -270,6 +392,49 @@ void store_rows(const M_* src, int64_t ld, int64_t r0, int64_t n, int64_t H, int
     }
   }
 }
+
+// Short path: rows [r0, r0 + n) of heads [h0, h1) of a [T, H, D] tensor, token by token: the heads of one
+// token are contiguous, so the reads stream through memory instead of jumping H * D elements (a page or
+// more) per row as a one-head tile load does. put(r, head - h0, row).
+template <typename T, typename F>
+inline void for_rows_of_heads(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h0, int64_t h1, int64_t D,
+                              F&& put) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* s = src + ((r0 + r) * H + h0) * D;
+    for (int64_t hl = 0; hl < h1 - h0; ++hl) put(r, hl, s + hl * D);
+  }
+}
+
+// The same for transposed staging, kVW tokens at a time: put(r, head - h0, rows, H * D, n) for rows
+// [r, r + n) of that head.
+template <typename T, typename F>
+inline void for_row_blocks_of_heads(const T* src, int64_t r0, int64_t n, int64_t H, int64_t h0, int64_t h1, int64_t D,
+                                    F&& put) {
+  for (int64_t r = 0; r < n; r += kVW)
+    for (int64_t hl = 0; hl < h1 - h0; ++hl)
+      put(r, hl, src + ((r0 + r) * H + h0 + hl) * D, H * D, std::min<int64_t>(kVW, n - r));
+}
+
+// Short path, the way back: a staged [n][h1 - h0][D] block (math type) into rows [r0, r0 + n) of heads [h0, h1)
+// of a [T, H, D] tensor, times mul: one contiguous run per token instead of a page-strided row per head.
+template <typename T, typename M_>
+void store_rows_of_heads(const M_* src, int64_t r0, int64_t n, int64_t H, int64_t h0, int64_t h1, int64_t D, T* dst,
+                         M_ mul) {
+  const int64_t w = (h1 - h0) * D;
+  for (int64_t r = 0; r < n; ++r) {
+    const M_* s = src + r * w;
+    T* d = dst + ((r0 + r) * H + h0) * D;
+    if constexpr (kElementwiseVectorises<T>) {
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) d[c] = store<T>(s[c] * mul);
+    } else {
+      for (int64_t c = 0; c < w; ++c) d[c] = store<T>(s[c] * mul);
+    }
+  }
+}
+
+// Sub-buffers of a staging area start on 64-byte boundaries.
+inline int64_t stage_size(int64_t elems) { return round_up(elems, 16); }
 
 // P = exp(S - lse) over one tile (rows [i0, i0 + ni), keys [j0, j0 + nk) of the sequence), masked.
 template <typename M_>
@@ -296,7 +461,7 @@ template <typename T>
 void fwd_kernel(const AttentionFwdArgs& a) {
   using M_ = math_t<T>;
   const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk;
-  const int64_t Dp = round_up(D, kNR);
+  const int64_t Dp = round_up(D, kVW), Dpn = round_up(D, kNR);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -304,25 +469,35 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   M_* lse_out = static_cast<M_*>(a.lse);
   const M_ scale = static_cast<M_>(a.scale);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
-  const TileList tiles(a.cu_seqlens_q, a.batch, kFQ);
-  const int64_t items = tiles.count * Hq;
-  const int nt = resolve_threads(a.num_threads, items, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
+  const int nt0 = resolve_threads(a.num_threads, a.total_q * Hq, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
+  // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
+  const auto stage_q = [&](int64_t lq) { return stage_size(round_up(lq, kNR) * D); };
+  const auto stage_k = [&](int64_t lk) { return stage_size(lk * D); };
+  const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dpn); };
+  const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
+  const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
+    return (group * (stage_q(lq) + stage_o(lq)) + stage_k(lk) + stage_v(lk)) * int64_t(sizeof(M_));
+  });
+  const TileList tiles(a.cu_seqlens_q, a.batch, kFQ, plan);
+  const int64_t long_items = tiles.count * Hq, items = long_items + plan.count;
+  const int nt = static_cast<int>(std::min<int64_t>(nt0, std::max<int64_t>(items, 1)));
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qtb(new M_[Dp * kFQ]()), Kb(new M_[kFK * Dp]()),
-        Vb(new M_[kFK * Dp]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
-        lb(new M_[kFQ]), mxb(new M_[kFQ]), mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dp]);
-    M_ *Qt = Qtb.get(), *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(),
-       *mu = mub.get(), *sm = smb.get();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t t = item % tiles.count, h = item / tiles.count, hk = h / group, b = tiles.seq[t];
-      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
-      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
-      const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0), nip = round_up(ni, kNR);
-      // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
-      pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qt, rowb.get(), scale);
+    std::unique_ptr<M_[]> Qtb(new M_[D * kFQ]()), Kb(new M_[kFK * D]()), Vb(new M_[kFK * Dpn]()),
+        Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]), lb(new M_[kFQ]), mxb(new M_[kFQ]),
+        mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
+        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
+    M_ *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(), *mu = mub.get(),
+       *sm = smb.get();
+
+    // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qt is their scaled, panel-packed
+    // transpose; kv_tile(j0, nk, Kp, Vp, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the value
+    // rows' panels (panels vbps floats apart). Writes lse, and the output rows to out or, when os is set, to
+    // os[r * lds] (the short path's token-major staging).
+    auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
+                      auto&& kv_tile, M_* os, int64_t lds) {
+      const int64_t nip = round_up(ni, kNR);
       for (int64_t r = 0; r < ni; ++r) {
         m[r] = ninf;
         l[r] = 0;
@@ -332,15 +507,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       for (int64_t j0 = kbeg; j0 < kend; j0 += kFK) {
         const int64_t nk = std::min<int64_t>(kFK, kend - j0);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
-        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
-        const M_* Kp = Kb.get();
-        const int64_t ldk = Dp;
-        pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dp, Vb.get(), rowb.get());
+        const M_ *Kp, *Vp;
+        int64_t vbps;
+        kv_tile(j0, nk, Kp, Vp, vbps);
         // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
         // a multiple of kNR so that the S^T product starts at a Q^T panel.
         const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
-        gemm_tile<M_>(nk, nip - rs, D, Kp, ldk, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR);  // S^T [nk x ni]
+        gemm_tile<M_>(nk, nip - rs, D, Kp, D, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR);  // S^T [nk x ni]
         if (!full) {
           for (int64_t r = rs; r < ni; ++r) {
             const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
@@ -381,7 +554,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
             l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vb.get(), kNR, O + rs * Dp, Dp, true, nk * kNR);  // O += P V
+        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, kNR, O + rs * Dp, Dp, true, vbps);  // O += P V
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
@@ -394,7 +567,64 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         }
         lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
       }
-      store_rows<T, M_>(O, Dp, q0 + i0, ni, Hq, h, D, out, M_(1));
+      if (os)
+        for (int64_t r = 0; r < ni; ++r) std::memcpy(os + r * lds, O + r * Dp, sizeof(M_) * D);
+      else
+        store_rows<T, M_>(O, Dp, q0 + i0, ni, Hq, h, D, out, M_(1));
+    };
+
+    // Tiled items first (the larger ones), head-major so that concurrent items share one head's K/V in cache.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      if (item < long_items) {
+        const int64_t t = item % tiles.count, h = item / tiles.count, hk = h / group, b = tiles.seq[t];
+        const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+        const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+        const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
+        // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
+        pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale);
+        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+          // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
+          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), D, M_(1));
+          pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dpn, Vb.get(), rowb.get());
+          Kp = Kb.get();
+          Vp = Vb.get();
+          vbps = nk * kNR;
+        }, nullptr, 0);
+        continue;
+      }
+      // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q^T, K, V of every head of the chunk
+      // (token-major reads), then attend per head from the staged copies.
+      const int64_t s = item - long_items, b = plan.seq[s], hk0 = plan.hk0[s];
+      const int64_t hk1 = std::min<int64_t>(Hk, hk0 + plan.chunk[b]), hq0 = hk0 * group, hq1 = hk1 * group;
+      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+      const int64_t lq = mask.lq, lk = mask.lk, sq = stage_q(lq), sk = stage_k(lk), sv = stage_v(lk);
+      M_* Qs = stageb.get();             // [hq1 - hq0][panel-packed Q^T of lq rows]
+      M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][lk x D]
+      M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][panels of lk rows]
+      M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
+      for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
+        put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale);
+      });
+      for_rows_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
+      });
+      for_rows_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row_panels<T, M_>(row, D, Dpn, Vs + hl * sv + r * kNR, lk * kNR, rowb.get());
+      });
+      for (int64_t h = hq0; h < hq1; ++h) {
+        const M_* Kh = Ks + (h / group - hk0) * sk;
+        const M_* Vh = Vs + (h / group - hk0) * sv;
+        for (int64_t i0 = 0; i0 < lq; i0 += kFQ)
+          attend(h, q0, mask, i0, std::min<int64_t>(kFQ, lq - i0), Qs + (h - hq0) * sq + i0 * D,
+                 [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+                   Kp = Kh + j0 * D;
+                   Vp = Vh + j0 * kNR;
+                   vbps = lk * kNR;
+                 }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D);
+      }
+      store_rows_of_heads<T, M_>(Os, q0, lq, Hq, hq0, hq1, D, out, M_(1));
     }
   }
 }
@@ -403,7 +633,7 @@ template <typename T>
 void bwd_kernel(const AttentionBwdArgs& a) {
   using M_ = math_t<T>;
   const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk, Tq = a.total_q;
-  const int64_t Dp = round_up(D, kNR);
+  const int64_t Dp = round_up(D, kVW), Dpn = round_up(D, kNR);
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -416,33 +646,67 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   T* dv = static_cast<T*>(a.dv);
   const M_ scale = static_cast<M_>(a.scale);
   const int nt = resolve_threads(a.num_threads, Tq * Hq, Tq * Hq * D * int64_t(sizeof(T)) * 8);
+  // Short path, staged per kv head: its query heads' Q and dO rows and Dv, K^T (scaled), K rows, V^T.
+  const auto stage_qg = [&](int64_t lq) { return stage_size(lq * Dp); };
+  const auto stage_dv = [&](int64_t lq) { return stage_size(lq); };
+  const auto stage_kt = [&](int64_t lk) { return stage_size(D * round_up(lk, kNR)); };
+  const auto stage_kr = [&](int64_t lk) { return stage_size(lk * Dp); };
+  const auto stage_o = [&](int64_t n) { return stage_size(n * D); };  // dQ, dK, dV token-major
+  const ShortPlan plan(a, nt, [&](int64_t lq, int64_t lk) {
+    return (group * (2 * stage_qg(lq) + stage_dv(lq) + stage_o(lq)) + 2 * stage_kt(lk) + stage_kr(lk) + 2 * stage_o(lk)) *
+           int64_t(sizeof(M_));
+  });
 
-  // Dv [Hq, Tq] = rowsum(dO * O) - dlse: O(T H) memory.
-  std::unique_ptr<M_[]> Dv(new M_[Hq * Tq > 0 ? Hq * Tq : 1]);
-#pragma omp parallel num_threads(nt)
-  {
-    std::unique_ptr<M_[]> ob(new M_[D]), gb(new M_[D]);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < Tq; ++t)
-      for (int64_t h = 0; h < Hq; ++h) {
-        load_row<T>(out + (t * Hq + h) * D, ob.get(), D);
-        load_row<T>(dout + (t * Hq + h) * D, gb.get(), D);
-        const M_ *o = ob.get(), *g = gb.get();
-        M_ s = 0;
+  // The tiled path's query rows, numbered compactly (lrow[b] + i for row i of sequence b): Dv and the dQ partials
+  // hold only these. glob[] maps them back to rows of q.
+  std::unique_ptr<int64_t[]> lrow(new int64_t[a.batch + 1]);
+  int64_t Tl = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    lrow[b] = Tl;
+    if (!plan.is_short(b)) Tl += a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b];
+  }
+  std::unique_ptr<int64_t[]> glob(new int64_t[Tl > 0 ? Tl : 1]);
+  for (int64_t b = 0; b < a.batch; ++b)
+    if (!plan.is_short(b))
+      for (int64_t i = 0; i < a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b]; ++i) glob[lrow[b] + i] = a.cu_seqlens_q[b] + i;
+  const TileList qtiles(a.cu_seqlens_q, a.batch, kBQ, plan);
+
+  // Dv [Hq, Tl] = rowsum(dO * O) - dlse: O(T H) memory.
+  std::unique_ptr<M_[]> Dv(new M_[Hq * Tl > 0 ? Hq * Tl : 1]);
+  const auto rowsum = [&](const T* o_row, const T* g_row, M_* ob, M_* gb) {
+    load_row<T>(o_row, ob, D);
+    load_row<T>(g_row, gb, D);
+    M_ s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < D; ++c) s += o[c] * g[c];
-        Dv[h * Tq + t] = dlse ? s - dlse[h * Tq + t] : s;
+    for (int64_t c = 0; c < D; ++c) s += ob[c] * gb[c];
+    return s;
+  };
+  if (Tl > 0) {
+#pragma omp parallel num_threads(nt)
+    {
+      std::unique_ptr<M_[]> ob(new M_[D]), gb(new M_[D]);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < qtiles.count; ++t) {
+        const int64_t b = qtiles.seq[t], q0 = a.cu_seqlens_q[b];
+        const int64_t n = std::min<int64_t>(kBQ, a.cu_seqlens_q[b + 1] - q0 - qtiles.row0[t]);
+        for (int64_t i = qtiles.row0[t]; i < qtiles.row0[t] + n; ++i)
+          for (int64_t h = 0; h < Hq; ++h) {
+            const M_ s = rowsum(out + ((q0 + i) * Hq + h) * D, dout + ((q0 + i) * Hq + h) * D, ob.get(), gb.get());
+            Dv[h * Tl + lrow[b] + i] = dlse ? s - dlse[h * Tq + q0 + i] : s;
+          }
       }
+    }
   }
 
   // Pass 1: dK, dV per (sequence, kv head, key tile). The softmax scale is folded into K^T (once
   // per item), so the Q and dO tiles are plain copies (contiguous: rows read in place are a page apart).
-  // When nt private [Hq, Tq, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
+  // When nt private [Hq, Tl, Dp] buffers fit in kMaxPartialBytes, dQ += dS K is accumulated here too
   // (summed over the threads afterwards) and pass 2 is skipped.
-  const int64_t part = Tq * Hq * Dp;
-  const bool dq_in_pass1 = Tq > 0 && int64_t(nt) * part * int64_t(sizeof(M_)) <= kMaxPartialBytes;
+  // Short sequences: one item per (sequence, chunk of kv heads) computes dQ, dK, dV of its rows completely.
+  const int64_t part = Tl * Hq * Dp;
+  const bool dq_in_pass1 = Tl > 0 && int64_t(nt) * part * int64_t(sizeof(M_)) <= kMaxPartialBytes;
   std::unique_ptr<M_[]> dQpart(dq_in_pass1 ? new M_[nt * part] : nullptr);
-  const TileList ktiles(a.cu_seqlens_k, a.batch, kBK);
+  const TileList ktiles(a.cu_seqlens_k, a.batch, kBK, plan);
   const int64_t kitems = ktiles.count * Hk;
 #pragma omp parallel num_threads(nt)
   {
@@ -452,27 +716,49 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       dQacc = dQpart.get() + int64_t(tid) * part;
       for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
     }
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Kb(new M_[dq_in_pass1 ? kBK * Dp : 1]()), Ktb(new M_[Dp * kBK]()), Vtb(new M_[Dp * kBK]()),
-        Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()), dKb(new M_[kBK * Dp]()), dVb(new M_[kBK * Dp]()),
-        rowb(new M_[Dp]);
+    const bool tiled = kitems > 0;
+    std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * Dp : 1]()), Gb(new M_[tiled ? kBQ * Dp : 1]()),
+        Kb(new M_[tiled && dq_in_pass1 ? kBK * Dp : 1]()), Ktb(new M_[tiled ? D * kBK : 1]()),
+        Vtb(new M_[tiled ? D * kBK : 1]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+        dKb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()),
+        dVb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()), dQb(new M_[plan.max_lq * Dp + 1]()),
+        rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
+        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
     M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
+
+    // The five products of query rows [i0, i0 + ni) x key rows [j0, j0 + nk) of one (query head, kv head):
+    // Q, G (dO) rows ldq apart; Kt_, Vt_ the scaled K^T and V^T at key column j0, ldkt apart; Kr the K rows
+    // at j0 (ld Dp; nullptr: no dQ); dK_, dV_ at row j0, dQ_ at row i0 (ld Dp).
+    auto products = [&](const SeqMask& mask, int64_t i0, int64_t ni, int64_t j0, int64_t nk, const M_* Q,
+                        const M_* G, int64_t ldq, const M_* Kt_, const M_* Vt_, int64_t ldkt, const M_* Kr,
+                        const M_* lse_r, const M_* dv_r, M_* dK_, M_* dV_, M_* dQ_) {
+      const int64_t nkp = round_up(nk, kNR);
+      const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
+      gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt_, ldkt, S, kBK, false);
+      probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
+      gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, ldq, dV_, Dp, true);      // dV += P^T dO
+      gemm_tile<M_>(ni, nkp, D, G, ldq, 1, Vt_, ldkt, dP, kBK, false);  // dP = dO V^T
+      for (int64_t r = 0; r < ni; ++r) {
+        M_* d = dP + r * kBK;
+        const M_* p = S + r * kBK;
+        const M_ dvr = dv_r[r];
+#pragma omp simd
+        for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
+      }
+      gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK_, Dp, true);     // dK += dS^T Q (scaled on store)
+      if (Kr) gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, Dp, dQ_, Dp, true);  // dQ += dS K (scaled on store)
+    };
+
     // static round-robin, not dynamic: which thread's dQ partial an item lands in must not depend
     // on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks).
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static, 1) nowait
     for (int64_t item = 0; item < kitems; ++item) {
       const int64_t t = item % ktiles.count, hk = item / ktiles.count, b = ktiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
-      const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0), nkp = round_up(nk, kNR);
-      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
-      for (int64_t c = 0; c < D; ++c) {
-        M_* kc = Kt + c * kBK;
-#pragma omp simd
-        for (int64_t r = 0; r < nk; ++r) kc[r] *= scale;
-      }
-      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
-      const M_* Kr = Kb.get();
-      const int64_t ldk = Dp;
+      const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0);
+      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), scale);
+      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
       if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
       std::memset(dK, 0, sizeof(M_) * nk * Dp);
       std::memset(dV, 0, sizeof(M_) * nk * Dp);
@@ -480,30 +766,84 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
-          const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
           load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
           load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
-          const M_ *Q = Qb.get(), *G = Gb.get();
-          const int64_t ldq = Dp;
-          const M_* lse_r = lse + h * Tq + q0 + i0;
-          const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
-          gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt, kBK, S, kBK, false);
-          probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-          gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, ldq, dV, Dp, true);      // dV += P^T dO
-          gemm_tile<M_>(ni, nkp, D, G, ldq, 1, Vt, kBK, dP, kBK, false);   // dP = dO V^T
-          for (int64_t r = 0; r < ni; ++r) {
-            M_* d = dP + r * kBK;
-            const M_* p = S + r * kBK;
-            const M_ dvr = dv_r[r];
-#pragma omp simd
-            for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
-          }
-          gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK, Dp, true);     // dK += dS^T Q (scaled on store)
-          if (dq_in_pass1)                                                 // dQ += dS K (scaled on store)
-            gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, ldk, dQacc + (h * Tq + q0 + i0) * Dp, Dp, true);
+          const int64_t lr = h * Tl + lrow[b] + i0;
+          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), Dp, Kt, Vt, kBK, dq_in_pass1 ? Kb.get() : nullptr,
+                   lse + h * Tq + q0 + i0, Dv.get() + lr, dK, dV, dq_in_pass1 ? dQacc + lr * Dp : nullptr);
         }
       store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
       store_rows<T, M_>(dV, Dp, k0 + j0, nk, Hk, hk, D, dv, M_(1));
+    }
+
+    // Short sequences: every row of the item's heads is finished here, so no partials and any schedule is
+    // deterministic.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < plan.count; ++s) {
+      const int64_t b = plan.seq[s], hk0 = plan.hk0[s];
+      const int64_t hk1 = std::min<int64_t>(Hk, hk0 + plan.chunk[b]), hq0 = hk0 * group, hq1 = hk1 * group;
+      const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
+      const int64_t lq = mask.lq, lk = mask.lk, lkp = round_up(lk, kNR);
+      const int64_t sqg = stage_qg(lq), sdv = stage_dv(lq), skt = stage_kt(lk), skr = stage_kr(lk);
+      M_* Qs = stageb.get();              // [hq1 - hq0][lq x Dp]
+      M_* Gs = Qs + (hq1 - hq0) * sqg;    // [hq1 - hq0][lq x Dp]
+      M_* Dvs = Gs + (hq1 - hq0) * sqg;   // [hq1 - hq0][lq]
+      M_* Kts = Dvs + (hq1 - hq0) * sdv;  // [hk1 - hk0][D x lkp], scaled
+      M_* Vts = Kts + (hk1 - hk0) * skt;  // [hk1 - hk0][D x lkp]
+      M_* Krs = Vts + (hk1 - hk0) * skt;  // [hk1 - hk0][lk x Dp]
+      M_* dQs = Krs + (hk1 - hk0) * skr;  // [lq][hq1 - hq0][D]: the gradients, token-major
+      M_* dKs = dQs + lq * (hq1 - hq0) * D;  // [lk][hk1 - hk0][D]
+      M_* dVs = dKs + lk * (hk1 - hk0) * D;  // [lk][hk1 - hk0][D]
+      const auto unstage = [&](const M_* acc, int64_t n, M_* dst, int64_t ld) {
+        for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ld, acc + r * Dp, sizeof(M_) * D);
+      };
+      for_row_blocks_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
+        put_rows_transposed<T, M_>(rows, lds, n, D, Kts + hl * skt + r, lkp, tmpb.get(), scale);
+        for (int64_t i = 0; i < n; ++i) put_row<T, M_>(rows + i * lds, D, Krs + hl * skr + (r + i) * Dp, M_(1));
+      });
+      for_row_blocks_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
+        put_rows_transposed<T, M_>(rows, lds, n, D, Vts + hl * skt + r, lkp, tmpb.get(), M_(1));
+      });
+      for_rows_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row<T, M_>(row, D, Qs + hl * sqg + r * Dp, M_(1));
+      });
+      for_rows_of_heads(dout, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row<T, M_>(row, D, Gs + hl * sqg + r * Dp, M_(1));
+      });
+      for_rows_of_heads(out, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
+        const M_* g = Gs + hl * sqg + r * Dp;
+        load_row<T>(row, rowb.get(), D);
+        const M_* o = rowb.get();
+        M_ sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < D; ++c) sum += o[c] * g[c];
+        Dvs[hl * sdv + r] = dlse ? sum - dlse[(hq0 + hl) * Tq + q0 + r] : sum;
+      });
+      M_* dQ = dQb.get();
+      for (int64_t hk = hk0; hk < hk1; ++hk) {
+        const M_ *Kth = Kts + (hk - hk0) * skt, *Vth = Vts + (hk - hk0) * skt, *Krh = Krs + (hk - hk0) * skr;
+        std::memset(dK, 0, sizeof(M_) * lk * Dp);
+        std::memset(dV, 0, sizeof(M_) * lk * Dp);
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const M_ *Qh = Qs + (h - hq0) * sqg, *Gh = Gs + (h - hq0) * sqg, *Dvh = Dvs + (h - hq0) * sdv;
+          std::memset(dQ, 0, sizeof(M_) * lq * Dp);
+          for (int64_t j0 = 0; j0 < lk; j0 += kBK) {
+            const int64_t nk = std::min<int64_t>(kBK, lk - j0);
+            const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
+            for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ)
+              products(mask, i0, std::min<int64_t>(kBQ, iend - i0), j0, nk, Qh + i0 * Dp, Gh + i0 * Dp, Dp,
+                       Kth + j0, Vth + j0, lkp, Krh + j0 * Dp, lse + h * Tq + q0 + i0, Dvh + i0, dK + j0 * Dp,
+                       dV + j0 * Dp, dQ + i0 * Dp);
+          }
+          unstage(dQ, lq, dQs + (h - hq0) * D, (hq1 - hq0) * D);
+        }
+        unstage(dK, lk, dKs + (hk - hk0) * D, (hk1 - hk0) * D);
+        unstage(dV, lk, dVs + (hk - hk0) * D, (hk1 - hk0) * D);
+      }
+      store_rows_of_heads<T, M_>(dQs, q0, lq, Hq, hq0, hq1, D, dq, scale);
+      store_rows_of_heads<T, M_>(dKs, k0, lk, Hk, hk0, hk1, D, dk, scale);
+      store_rows_of_heads<T, M_>(dVs, k0, lk, Hk, hk0, hk1, D, dv, M_(1));
     }
   }
   if (dq_in_pass1) {
@@ -512,7 +852,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       std::unique_ptr<M_[]> accb(new M_[Dp]);
       M_* acc = accb.get();
 #pragma omp for schedule(static)
-      for (int64_t row = 0; row < Tq * Hq; ++row) {
+      for (int64_t row = 0; row < Tl * Hq; ++row) {
         const M_* p0 = dQpart.get() + row * Dp;
         std::memcpy(acc, p0, sizeof(M_) * Dp);
         for (int th = 1; th < nt; ++th) {
@@ -520,20 +860,20 @@ void bwd_kernel(const AttentionBwdArgs& a) {
 #pragma omp simd
           for (int64_t c = 0; c < Dp; ++c) acc[c] += p[c];
         }
-        store_rows<T, M_>(acc, Dp, row % Tq, 1, Hq, row / Tq, D, dq, scale);
+        store_rows<T, M_>(acc, Dp, glob[row % Tl], 1, Hq, row / Tl, D, dq, scale);
       }
     }
     return;
   }
+  if (Tl == 0) return;
 
   // Pass 2: dQ per (sequence, query head, query tile).
-  const TileList qtiles(a.cu_seqlens_q, a.batch, kBQ);
   const int64_t qitems = qtiles.count * Hq;
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[Dp * kBK]()),
-        Kb(new M_[kBK * Dp]()), Vtb(new M_[Dp * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
-        dQb(new M_[kBQ * Dp]()), rowb(new M_[Dp]);
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[D * kBK]()),
+        Kb(new M_[kBK * Dp]()), Vtb(new M_[D * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+        dQb(new M_[kBQ * Dp]()), tmpb(new M_[kVW * Dpn]());
     M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *K = Kb.get(), *Vt = Vtb.get(), *S = Sb.get(),
        *dP = dPb.get(), *dQ = dQb.get();
 #pragma omp for schedule(dynamic, 1)
@@ -546,14 +886,14 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
       std::memset(dQ, 0, sizeof(M_) * ni * Dp);
       const M_* lse_r = lse + h * Tq + q0 + i0;
-      const M_* dv_r = Dv.get() + h * Tq + q0 + i0;
+      const M_* dv_r = Dv.get() + h * Tl + lrow[b] + i0;
       const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
       for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
         const int64_t nk = std::min<int64_t>(kBK, kend - j0), nkp = round_up(nk, kNR);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, rowb.get());
+        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), M_(1));
         load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, Dp, M_(1));
-        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, rowb.get());
+        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
         gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
         probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
         gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);
