@@ -58,9 +58,11 @@ constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR
 constexpr int64_t kFK = 144;  // forward: key rows per tile
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
 // Short-sequence path: sequences of at most kShortLen query and key rows are staged (all their heads, or a
-// chunk of kv heads whose operands fit kStageBytes, about half an L2 of the 2 MiB this was tuned on).
+// chunk of kv heads whose operands fit kStageBytes). 768 KiB, 3/8 of the 2 MiB L2 this was tuned on, leaves
+// room for the streamed inputs: bwd 1 thread on 64 windows of 64 (D 80, 16 heads) 51.8 ms at 1.5 MiB,
+// 48.0 at 768 KiB and 512 KiB, 58 at 384 KiB (two heads per item: 640-byte runs per token stream poorly).
 constexpr int64_t kShortLen = 256;
-constexpr int64_t kStageBytes = int64_t(3) << 19;
+constexpr int64_t kStageBytes = int64_t(3) << 18;
 
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -259,10 +261,31 @@ struct TileList {
 
 // ---- one row of a [T, H, D] tensor into the layouts the products read -------------------------------
 
+// d[c] = s[c], c < D, in the math type. fp32 rows are copied with inline vector moves: GCC turns load_row's
+// loop into a memcpy call, and 200k calls of 320 bytes per window-attention forward cost more than the bytes.
+template <typename T>
+inline void copy_row(const T* s, math_t<T>* d, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t c = 0;
+    for (; c + kVW <= D; c += kVW) {
+      vecf x = vload(s + c);
+#if defined(__x86_64__)
+      __asm__("" : "+v"(x));  // keeps GCC from recognising the loop as a memcpy again
+#elif defined(__aarch64__)
+      __asm__("" : "+w"(x));
+#endif
+      vstore(d + c, x);
+    }
+    for (; c < D; ++c) d[c] = s[c];
+  } else {
+    load_row<T>(s, d, D);
+  }
+}
+
 // Plain: d[c] = s[c] * mul, c < D.
 template <typename T, typename M_>
 inline void put_row(const T* s, int64_t D, M_* d, M_ mul) {
-  load_row<T>(s, d, D);
+  copy_row<T>(s, d, D);
   if (mul != M_(1)) {
 #pragma omp simd
     for (int64_t c = 0; c < D; ++c) d[c] *= mul;
@@ -305,7 +328,7 @@ void put_rows_transposed(const T* src, int64_t lds, int64_t n, int64_t D, M_* ds
   const int64_t Dv = round_up(D, kVW);
   for (int64_t r = 0; r < kVW; ++r) {
     if (r < n)
-      load_row<T>(src + r * lds, tmp + r * Dv, D);
+      copy_row<T>(src + r * lds, tmp + r * Dv, D);
     else
       std::memset(tmp + r * Dv, 0, sizeof(M_) * D);
   }
@@ -332,7 +355,7 @@ void put_rows_transposed(const T* src, int64_t lds, int64_t n, int64_t D, M_* ds
 // d[(c / kNR) * panel + c % kNR] for c < Dpn (columns D .. Dpn: row_buf's, which stay zero).
 template <typename T, typename M_>
 inline void put_row_panels(const T* s, int64_t D, int64_t Dpn, M_* d, int64_t panel, M_* row_buf) {
-  load_row<T>(s, row_buf, D);
+  copy_row<T>(s, row_buf, D);
   for (int64_t p = 0; p < Dpn; p += kNR, d += panel) {
     if constexpr (std::is_same_v<M_, float>) {
       vstore(d, vload(row_buf + p));
@@ -568,7 +591,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
       }
       if (os)
-        for (int64_t r = 0; r < ni; ++r) std::memcpy(os + r * lds, O + r * Dp, sizeof(M_) * D);
+        for (int64_t r = 0; r < ni; ++r) copy_row<M_>(O + r * Dp, os + r * lds, D);
       else
         store_rows<T, M_>(O, Dp, q0 + i0, ni, Hq, h, D, out, M_(1));
     };
@@ -796,7 +819,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       M_* dKs = dQs + lq * (hq1 - hq0) * D;  // [lk][hk1 - hk0][D]
       M_* dVs = dKs + lk * (hk1 - hk0) * D;  // [lk][hk1 - hk0][D]
       const auto unstage = [&](const M_* acc, int64_t n, M_* dst, int64_t ld) {
-        for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ld, acc + r * Dp, sizeof(M_) * D);
+        for (int64_t r = 0; r < n; ++r) copy_row<M_>(acc + r * Dp, dst + r * ld, D);
       };
       for_row_blocks_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
         put_rows_transposed<T, M_>(rows, lds, n, D, Kts + hl * skt + r, lkp, tmpb.get(), scale);
@@ -813,7 +836,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       });
       for_rows_of_heads(out, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
         const M_* g = Gs + hl * sqg + r * Dp;
-        load_row<T>(row, rowb.get(), D);
+        copy_row<T>(row, rowb.get(), D);
         const M_* o = rowb.get();
         M_ sum = 0;
 #pragma omp simd reduction(+ : sum)
