@@ -496,7 +496,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
   const auto stage_q = [&](int64_t lq) { return stage_size(round_up(lq, kNR) * D); };
   const auto stage_k = [&](int64_t lk) { return stage_size(lk * D); };
-  const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dpn); };
+  const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dp); };
   const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
   const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
     return (group * (stage_q(lq) + stage_o(lq)) + stage_k(lk) + stage_v(lk)) * int64_t(sizeof(M_));
@@ -515,9 +515,10 @@ void fwd_kernel(const AttentionFwdArgs& a) {
        *sm = smb.get();
 
     // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qt is their scaled, panel-packed
-    // transpose; kv_tile(j0, nk, Kp, Vp, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the value
-    // rows' panels (panels vbps floats apart). Writes lse, and the output rows to out or, when os is set, to
-    // os[r * lds] (the short path's token-major staging).
+    // transpose; kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the
+    // value rows as a product's B operand (rows vld apart, kNR-column blocks vbps apart: panels in the tiled path,
+    // plain rows in the short one). Writes lse, and the output rows to out or, when os is set, to os[r * lds]
+    // (the short path's token-major staging).
     auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
                       auto&& kv_tile, M_* os, int64_t lds) {
       const int64_t nip = round_up(ni, kNR);
@@ -531,8 +532,8 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t nk = std::min<int64_t>(kFK, kend - j0);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
         const M_ *Kp, *Vp;
-        int64_t vbps;
-        kv_tile(j0, nk, Kp, Vp, vbps);
+        int64_t vld, vbps;
+        kv_tile(j0, nk, Kp, Vp, vld, vbps);
         // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
         // a multiple of kNR so that the S^T product starts at a Q^T panel.
         const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
@@ -566,8 +567,11 @@ void fwd_kernel(const AttentionFwdArgs& a) {
           }
         }
         for (int64_t r = rs; r < ni; ++r) {
-          if (m[r] != mx[r]) {
-            const M_ alpha = std::exp(m[r] - mx[r]);  // 0 for the first visible tile
+          if (m[r] == ninf) {  // the first visible tile: O and l are still 0
+            l[r] = sm[r];
+            m[r] = mx[r];
+          } else if (m[r] != mx[r]) {
+            const M_ alpha = std::exp(m[r] - mx[r]);
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
@@ -577,7 +581,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
             l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, kNR, O + rs * Dp, Dp, true, vbps);  // O += P V
+        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
@@ -606,12 +610,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
         // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
         pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale);
-        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
           // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
           load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), D, M_(1));
           pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dpn, Vb.get(), rowb.get());
           Kp = Kb.get();
           Vp = Vb.get();
+          vld = kNR;
           vbps = nk * kNR;
         }, nullptr, 0);
         continue;
@@ -625,7 +630,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       const int64_t lq = mask.lq, lk = mask.lk, sq = stage_q(lq), sk = stage_k(lk), sv = stage_v(lk);
       M_* Qs = stageb.get();             // [hq1 - hq0][panel-packed Q^T of lq rows]
       M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][lk x D]
-      M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][panels of lk rows]
+      M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][lk x Dp]
       M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
       for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
         put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale);
@@ -634,17 +639,18 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
       });
       for_rows_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
-        put_row_panels<T, M_>(row, D, Dpn, Vs + hl * sv + r * kNR, lk * kNR, rowb.get());
+        put_row<T, M_>(row, D, Vs + hl * sv + r * Dp, M_(1));
       });
       for (int64_t h = hq0; h < hq1; ++h) {
         const M_* Kh = Ks + (h / group - hk0) * sk;
         const M_* Vh = Vs + (h / group - hk0) * sv;
         for (int64_t i0 = 0; i0 < lq; i0 += kFQ)
           attend(h, q0, mask, i0, std::min<int64_t>(kFQ, lq - i0), Qs + (h - hq0) * sq + i0 * D,
-                 [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+                 [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
                    Kp = Kh + j0 * D;
-                   Vp = Vh + j0 * kNR;
-                   vbps = lk * kNR;
+                   Vp = Vh + j0 * Dp;
+                   vld = Dp;
+                   vbps = kNR;
                  }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D);
       }
       store_rows_of_heads<T, M_>(Os, q0, lq, Hq, hq0, hq1, D, out, M_(1));
