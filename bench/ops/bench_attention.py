@@ -25,6 +25,7 @@ run_all cases (`python bench/run_all.py --ops attention_varlen,attention_windows
                                      [1, H, T, D] split by the window lengths, SDPA per window, cat
                      sdpa_batched    one SDPA call on the windows as a batch [T/W, H, W, D] (a view
                                      of the packed tensors: equal windows need no copy)
+Kernel A/B (two builds of the C++ core in one process, interleaved, next to SDPA): bench/ops/ab_attention.py.
 Byte model (minimal, for the records' GB/s only; s = element size, Eq = T·Hq·D, Ekv = T·Hk·D):
 fwd reads q, k, v and writes out (2·Eq + 2·Ekv)·s; fwd+bwd also reads q, k, v, out, dout and writes
 dq, dk, dv: (6·Eq + 6·Ekv)·s. Every provider is credited with the same (useful) FLOPs and bytes, so

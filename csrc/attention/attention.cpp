@@ -19,11 +19,32 @@
 // (sequence, query head, query tile)) accumulates it instead, recomputing S and dP (7 products).
 // The softmax scale is folded into the K^T tile once per item.
 //
+// Short sequences (at most kShortLen query and key rows: Qwen2.5-VL's 64-patch vision windows, say) are
+// decomposed differently: one item per (sequence, chunk of kv heads and their query heads) copies the
+// sequence's rows token by token (one token's heads are contiguous, so the reads stream) into per-head
+// buffers, runs the same tile code per head from there, and writes its outputs token-major. Its backward
+// finishes dQ, dK and dV of its rows, so it needs no dQ partials and no Dv pre-pass.
+//
 // Products go through one register-blocked micro-kernel (gemm_tile): kMR rows x kNR columns of C
 // (12 rows x 32 floats with AVX-512, 6 rows x 2 vectors otherwise) live in vector registers over the whole inner
-// dimension; the column operand is read as kNR-wide blocks (plain rows or panel-packed), head dims
-// are padded to a multiple of kNR with zeros. Tiles are copied out of the [T, H, D] inputs (rows read
-// in place are H * D apart, a page each, and TLB misses dominated).
+// dimension; the column operand is read as kNR-wide blocks (plain rows or panel-packed), the last one a
+// single vector wide where the head dim is an odd number of vectors; head dims are padded to a multiple of
+// kVW with zeros. Tiles are copied out of the [T, H, D] inputs (rows read in place are H * D apart, a page
+// each, and TLB misses dominated); transposed copies go through kVW x kVW in-register block transposes.
+//
+// Vision windows, fp32, T = 4096 in 64 windows of 64, H = 16, D = 80 (1.34 GFLOP fwd), p50 ms, Sapphire
+// Rapids (AVX-512), `python -m bench.ops.ab_attention --so <before> --so <after> --cases windows`, with one
+// batched SDPA on [64, 16, 64, 80] in the same run. Before: one item per (query tile, head), 40% of the
+// forward in page-strided 320-byte row copies, scalar transposes, K/V reloaded per head, D = 80 computed as
+// 96, 2 x 4096 x 16 x 96 dQ partials zeroed and summed.
+//                              before      after     SDPA
+//   1 thread   fwd              36.6       21.3      27.2
+//              fwd+bwd         144.0       69.1      86.0
+//   2 threads  fwd              20.2       11.7      14.4     (load average 1.7)
+//              fwd+bwd          87.3       41.9      45.6
+// Right after, the tiled path's cases, 2 threads, before / after ms: dense S = 2048, H = 16, D = 128
+// fwd 143.5 / 138.6, fwd+bwd 461.9 / 447.3, causal 76.3 / 73.3 and 270.2 / 261.2; 8 packed sequences
+// (8192 tokens, causal, GQA 16/2, D = 128) 213.8 / 203.2 and 791.0 / 789.5.
 //
 // Dense fp32, S = 2048, H = 16, D = 128, 2 threads (Sapphire Rapids, AVX-512), p50 ms / GFLOP/s
 // (FlashAttention convention) / ratio to PyTorch CPU SDPA measured in the same run
@@ -58,9 +79,14 @@ constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR
 constexpr int64_t kFK = 144;  // forward: key rows per tile
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
 // Short-sequence path: sequences of at most kShortLen query and key rows are staged (all their heads, or a
-// chunk of kv heads whose operands fit kStageBytes, about half an L2 of the 2 MiB this was tuned on).
+// chunk of kv heads whose operands fit kStageBytes). 768 KiB, 3/8 of the 2 MiB L2 this was tuned on, leaves
+// room for the streamed inputs: bwd 1 thread on 64 windows of 64 (D 80, 16 heads) 51.8 ms at 1.5 MiB,
+// 48.0 at 768 KiB and 512 KiB, 58 at 384 KiB (two heads per item: 640-byte runs per token stream poorly).
+// The short path against the tiled one on the same sequences (T = 4096 in windows of W, 2 threads, fwd /
+// fwd+bwd ms): W 32, 16 heads of 64: 2.7 / 10.8 vs 3.9 / 17.2; W 128, 16 x 80: 18.6 / 62 vs 21.3 / 80;
+// W 256, 16 x 128: 43.0 / 188 vs 44.2 / 196; W 256 causal, GQA 16/2, D 128: 43.1 / 157 vs 48.7 / 171.
 constexpr int64_t kShortLen = 256;
-constexpr int64_t kStageBytes = int64_t(3) << 19;
+constexpr int64_t kStageBytes = int64_t(3) << 18;
 
 #if defined(__AVX512F__)
 constexpr int kVW = 16;
@@ -259,10 +285,31 @@ struct TileList {
 
 // ---- one row of a [T, H, D] tensor into the layouts the products read -------------------------------
 
+// d[c] = s[c], c < D, in the math type. fp32 rows are copied with inline vector moves: GCC turns load_row's
+// loop into a memcpy call, and 200k calls of 320 bytes per window-attention forward cost more than the bytes.
+template <typename T>
+inline void copy_row(const T* s, math_t<T>* d, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t c = 0;
+    for (; c + kVW <= D; c += kVW) {
+      vecf x = vload(s + c);
+#if defined(__x86_64__)
+      __asm__("" : "+v"(x));  // keeps GCC from recognising the loop as a memcpy again
+#elif defined(__aarch64__)
+      __asm__("" : "+w"(x));
+#endif
+      vstore(d + c, x);
+    }
+    for (; c < D; ++c) d[c] = s[c];
+  } else {
+    load_row<T>(s, d, D);
+  }
+}
+
 // Plain: d[c] = s[c] * mul, c < D.
 template <typename T, typename M_>
 inline void put_row(const T* s, int64_t D, M_* d, M_ mul) {
-  load_row<T>(s, d, D);
+  copy_row<T>(s, d, D);
   if (mul != M_(1)) {
 #pragma omp simd
     for (int64_t c = 0; c < D; ++c) d[c] *= mul;
@@ -305,7 +352,7 @@ void put_rows_transposed(const T* src, int64_t lds, int64_t n, int64_t D, M_* ds
   const int64_t Dv = round_up(D, kVW);
   for (int64_t r = 0; r < kVW; ++r) {
     if (r < n)
-      load_row<T>(src + r * lds, tmp + r * Dv, D);
+      copy_row<T>(src + r * lds, tmp + r * Dv, D);
     else
       std::memset(tmp + r * Dv, 0, sizeof(M_) * D);
   }
@@ -332,7 +379,7 @@ void put_rows_transposed(const T* src, int64_t lds, int64_t n, int64_t D, M_* ds
 // d[(c / kNR) * panel + c % kNR] for c < Dpn (columns D .. Dpn: row_buf's, which stay zero).
 template <typename T, typename M_>
 inline void put_row_panels(const T* s, int64_t D, int64_t Dpn, M_* d, int64_t panel, M_* row_buf) {
-  load_row<T>(s, row_buf, D);
+  copy_row<T>(s, row_buf, D);
   for (int64_t p = 0; p < Dpn; p += kNR, d += panel) {
     if constexpr (std::is_same_v<M_, float>) {
       vstore(d, vload(row_buf + p));
@@ -473,7 +520,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
   const auto stage_q = [&](int64_t lq) { return stage_size(round_up(lq, kNR) * D); };
   const auto stage_k = [&](int64_t lk) { return stage_size(lk * D); };
-  const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dpn); };
+  const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dp); };
   const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
   const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
     return (group * (stage_q(lq) + stage_o(lq)) + stage_k(lk) + stage_v(lk)) * int64_t(sizeof(M_));
@@ -492,9 +539,10 @@ void fwd_kernel(const AttentionFwdArgs& a) {
        *sm = smb.get();
 
     // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qt is their scaled, panel-packed
-    // transpose; kv_tile(j0, nk, Kp, Vp, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the value
-    // rows' panels (panels vbps floats apart). Writes lse, and the output rows to out or, when os is set, to
-    // os[r * lds] (the short path's token-major staging).
+    // transpose; kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the
+    // value rows as a product's B operand (rows vld apart, kNR-column blocks vbps apart: panels in the tiled path,
+    // plain rows in the short one). Writes lse, and the output rows to out or, when os is set, to os[r * lds]
+    // (the short path's token-major staging).
     auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
                       auto&& kv_tile, M_* os, int64_t lds) {
       const int64_t nip = round_up(ni, kNR);
@@ -508,8 +556,8 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t nk = std::min<int64_t>(kFK, kend - j0);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
         const M_ *Kp, *Vp;
-        int64_t vbps;
-        kv_tile(j0, nk, Kp, Vp, vbps);
+        int64_t vld, vbps;
+        kv_tile(j0, nk, Kp, Vp, vld, vbps);
         // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
         // a multiple of kNR so that the S^T product starts at a Q^T panel.
         const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
@@ -543,8 +591,11 @@ void fwd_kernel(const AttentionFwdArgs& a) {
           }
         }
         for (int64_t r = rs; r < ni; ++r) {
-          if (m[r] != mx[r]) {
-            const M_ alpha = std::exp(m[r] - mx[r]);  // 0 for the first visible tile
+          if (m[r] == ninf) {  // the first visible tile: O and l are still 0
+            l[r] = sm[r];
+            m[r] = mx[r];
+          } else if (m[r] != mx[r]) {
+            const M_ alpha = std::exp(m[r] - mx[r]);
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
@@ -554,7 +605,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
             l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, kNR, O + rs * Dp, Dp, true, vbps);  // O += P V
+        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
@@ -568,7 +619,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
       }
       if (os)
-        for (int64_t r = 0; r < ni; ++r) std::memcpy(os + r * lds, O + r * Dp, sizeof(M_) * D);
+        for (int64_t r = 0; r < ni; ++r) copy_row<M_>(O + r * Dp, os + r * lds, D);
       else
         store_rows<T, M_>(O, Dp, q0 + i0, ni, Hq, h, D, out, M_(1));
     };
@@ -583,12 +634,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
         // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
         pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale);
-        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
           // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
           load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), D, M_(1));
           pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dpn, Vb.get(), rowb.get());
           Kp = Kb.get();
           Vp = Vb.get();
+          vld = kNR;
           vbps = nk * kNR;
         }, nullptr, 0);
         continue;
@@ -602,7 +654,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       const int64_t lq = mask.lq, lk = mask.lk, sq = stage_q(lq), sk = stage_k(lk), sv = stage_v(lk);
       M_* Qs = stageb.get();             // [hq1 - hq0][panel-packed Q^T of lq rows]
       M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][lk x D]
-      M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][panels of lk rows]
+      M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][lk x Dp]
       M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
       for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
         put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale);
@@ -611,17 +663,18 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
       });
       for_rows_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
-        put_row_panels<T, M_>(row, D, Dpn, Vs + hl * sv + r * kNR, lk * kNR, rowb.get());
+        put_row<T, M_>(row, D, Vs + hl * sv + r * Dp, M_(1));
       });
       for (int64_t h = hq0; h < hq1; ++h) {
         const M_* Kh = Ks + (h / group - hk0) * sk;
         const M_* Vh = Vs + (h / group - hk0) * sv;
         for (int64_t i0 = 0; i0 < lq; i0 += kFQ)
           attend(h, q0, mask, i0, std::min<int64_t>(kFQ, lq - i0), Qs + (h - hq0) * sq + i0 * D,
-                 [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vbps) {
+                 [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
                    Kp = Kh + j0 * D;
-                   Vp = Vh + j0 * kNR;
-                   vbps = lk * kNR;
+                   Vp = Vh + j0 * Dp;
+                   vld = Dp;
+                   vbps = kNR;
                  }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D);
       }
       store_rows_of_heads<T, M_>(Os, q0, lq, Hq, hq0, hq1, D, out, M_(1));
@@ -796,7 +849,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       M_* dKs = dQs + lq * (hq1 - hq0) * D;  // [lk][hk1 - hk0][D]
       M_* dVs = dKs + lk * (hk1 - hk0) * D;  // [lk][hk1 - hk0][D]
       const auto unstage = [&](const M_* acc, int64_t n, M_* dst, int64_t ld) {
-        for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ld, acc + r * Dp, sizeof(M_) * D);
+        for (int64_t r = 0; r < n; ++r) copy_row<M_>(acc + r * Dp, dst + r * ld, D);
       };
       for_row_blocks_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
         put_rows_transposed<T, M_>(rows, lds, n, D, Kts + hl * skt + r, lkp, tmpb.get(), scale);
@@ -813,7 +866,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       });
       for_rows_of_heads(out, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
         const M_* g = Gs + hl * sqg + r * Dp;
-        load_row<T>(row, rowb.get(), D);
+        copy_row<T>(row, rowb.get(), D);
         const M_* o = rowb.get();
         M_ sum = 0;
 #pragma omp simd reduction(+ : sum)

@@ -101,8 +101,17 @@ def test_any_head_dim_up_to_256(d):
 @pytest.mark.parametrize("isa", supported_isas())
 def test_every_simd_flavour(isa):
     with use_isa(isa):
-        _check([7, 129, 64], [7, 129, 64], 4, 2, 80, causal=True, window=(40, -1))
+        # Sequences of at most 256 rows take the staged short path, longer ones the tiled path (300 here).
+        _check([7, 129, 64, 300], [7, 129, 64, 300], 4, 2, 80, causal=True, window=(40, -1))
         _check([70], [70], 2, 2, 64, dtype=torch.bfloat16)
+        _check([64, 64, 300], [64, 64, 300], 2, 1, 72)  # a head dim that is not a whole number of vectors
+
+
+def test_short_sequences_split_over_kv_head_chunks():
+    # Windows of 64 with 8/4 heads of 160: the staged operands of all kv heads exceed the staging budget, so
+    # each window is several items (2 kv heads each forward, 1 backward); the 200-row one takes the tiled path.
+    _check([64, 64, 64, 200, 64], [64, 64, 64, 200, 64], 8, 4, 160)
+    _check([64, 30, 64], [64, 50, 64], 8, 4, 160, causal=True, window=(20, 5), lse_grad=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -209,6 +218,26 @@ def test_backward_is_bitwise_repeatable_with_several_threads():
         grads = []
         for _ in range(8):
             out = attention(q, k, v, cu, cu, 170, 170, causal=True)
+            grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+
+
+def test_backward_of_long_sequences_is_bitwise_repeatable_with_several_threads():
+    """The tiled path (sequences over 256 rows) sums per-thread dQ partials: in a fixed order, too."""
+    torch.manual_seed(0)
+    q = torch.randn(700, 4, 32, requires_grad=True)
+    k = torch.randn(700, 2, 32, requires_grad=True)
+    v = torch.randn(700, 2, 32, requires_grad=True)
+    cu = torch.tensor([0, 400, 464, 700], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        grads = []
+        for _ in range(8):
+            out = attention(q, k, v, cu, cu, 400, 400, causal=True)
             grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     finally:
         torch.set_num_threads(threads)
