@@ -21,3 +21,19 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class CoreAttention(nn.Module):
+    """softmax(q kᵀ) v over packed samples (`cu_seqlens`), with no parameters: the piece a context
+    parallel plan replaces (ring / Ulysses) and selective recompute re-runs. q [T, H, d], k/v [T, Hk, d]."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
+        return ops.attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"

@@ -106,7 +106,9 @@ class Qwen2_5_VL(nn.Module):
         """The LM head matrix [V, D] (the embedding matrix when tied)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    # ---- forward -------------------------------------------------------------------------------
+    # ---- forward ----------------------------------------------------------------------------------
+    # forward = inputs → vision_embeds → embed → decode → head. The parts are public so parallel plans
+    # (pipeline stages, context and sequence parallel runners) can put their own steps between them.
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
@@ -118,57 +120,93 @@ class Qwen2_5_VL(nn.Module):
         unpadded batch [B, S]. labels like input_ids, not shifted (the model shifts within each
         sample). position_ids [3, T] are derived from the grids when not given. Logits are returned
         when return_logits is True, or when it is None and there are no labels."""
+        inp = self.inputs(input_ids, cu_seqlens, image_grid_thw, video_grid_thw, second_per_grid_ts, labels,
+                          position_ids, ignore_index)
+        image_embeds = self.visual(pixel_values, image_grid_thw) if pixel_values is not None else None
+        video_embeds = self.visual(pixel_values_videos, video_grid_thw) if pixel_values_videos is not None else None
+        hidden_TD = self.embed(inp, image_embeds, video_embeds,
+                               has_images=image_grid_thw is not None, has_videos=video_grid_thw is not None)
+        hidden_TD = self.decode(hidden_TD, inp, self.model.layers)
+        return self.head(hidden_TD, inp, return_logits)
+
+    def inputs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+               image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+               second_per_grid_ts: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, ignore_index: int = -100) -> "DecoderInputs":
+        """Everything of a micro-batch the decoder needs besides hidden states (no parameters used)."""
         batch_shape = tuple(input_ids.shape)
         ids_T, cu_seqlens = _packed(input_ids, cu_seqlens)
-        hidden_TD = self.model.embed_tokens(ids_T)
-        hidden_TD = self._place_vision(hidden_TD, ids_T, pixel_values, image_grid_thw, self.cfg.image_token_id, "image")
-        hidden_TD = self._place_vision(hidden_TD, ids_T, pixel_values_videos, video_grid_thw, self.cfg.video_token_id,
-                                       "video")
         if position_ids is None:
             position_ids = rope_position_ids(
                 ids_T, cu_seqlens, image_grid_thw, video_grid_thw, second_per_grid_ts,
                 image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
                 spatial_merge_size=self.cfg.vision.spatial_merge_size, tokens_per_second=self.cfg.vision.tokens_per_second)
-        position_ids = position_ids.reshape(3, -1)
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        inv_freq = self.model.inv_freq(hidden_TD.device)
-
-        def layer_call(layer, h):
-            return layer(h, position_ids, inv_freq, cu_seqlens, max_seqlen)
-
-        hidden_TD = run_layers(self.model.layers, hidden_TD, self.text_recompute, layer_call)
-        hidden_TD = self.model.norm(hidden_TD)
-
-        out = CausalLMOutput()
+        target_T = None
         if labels is not None:
             labels_T = labels.reshape(-1)
             if labels_T.shape != ids_T.shape:
                 raise ValueError(f"labels has {labels_T.numel()} tokens, input_ids {ids_T.numel()}")
             target_T = shift_labels(labels_T, cu_seqlens, ignore_index)
-            out.loss_sum = ops.linear_cross_entropy(hidden_TD, self.output_weight, target_T,
-                                                    ignore_index=ignore_index, reduction="sum")
-            out.num_label_tokens = int((target_T != ignore_index).sum())
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return DecoderInputs(ids_T, position_ids.reshape(3, -1), self.model.inv_freq(ids_T.device), cu_seqlens,
+                             max_seqlen, target_T, ignore_index, batch_shape)
+
+    def embed(self, inp: "DecoderInputs", image_embeds: torch.Tensor | None = None,
+              video_embeds: torch.Tensor | None = None, has_images: bool = False,
+              has_videos: bool = False) -> torch.Tensor:
+        """Token embeddings [T, D] with the vision tower's outputs written at the pad tokens."""
+        hidden_TD = self.model.embed_tokens(inp.ids)
+        hidden_TD = self._place_vision(hidden_TD, inp.ids, image_embeds, has_images, self.cfg.image_token_id, "image")
+        return self._place_vision(hidden_TD, inp.ids, video_embeds, has_videos, self.cfg.video_token_id, "video")
+
+    def decode(self, hidden_TD: torch.Tensor, inp: "DecoderInputs", layers) -> torch.Tensor:
+        """hidden through `layers` (all of self.model.layers, or a pipeline stage's share)."""
+        def layer_call(layer, h):
+            return layer(h, inp.position_ids, inp.inv_freq, inp.cu_seqlens, inp.max_seqlen)
+
+        return run_layers(layers, hidden_TD, self.text_recompute, layer_call)
+
+    def head(self, hidden_TD: torch.Tensor, inp: "DecoderInputs", return_logits: bool | None = None) -> CausalLMOutput:
+        """Final norm, then the summed next-token loss (fused linear cross-entropy) and/or logits."""
+        hidden_TD = self.model.norm(hidden_TD)
+        out = CausalLMOutput()
+        if inp.target is not None:
+            out.loss_sum = ops.linear_cross_entropy(hidden_TD, self.output_weight, inp.target,
+                                                    ignore_index=inp.ignore_index, reduction="sum")
+            out.num_label_tokens = int((inp.target != inp.ignore_index).sum())
             out.loss = out.loss_sum / max(out.num_label_tokens, 1)
-        if return_logits or (return_logits is None and labels is None):
+        if return_logits or (return_logits is None and inp.target is None):
             logits = hidden_TD @ self.output_weight.t()
-            out.logits = logits.view(*batch_shape, -1) if len(batch_shape) == 2 else logits
+            out.logits = logits.view(*inp.batch_shape, -1) if len(inp.batch_shape) == 2 else logits
         return out
 
-    def _place_vision(self, hidden_TD, ids_T, pixels, grid_thw, token_id: int, kind: str):
+    def _place_vision(self, hidden_TD, ids_T, feats, has_grid: bool, token_id: int, kind: str):
         """Embeddings with the vision tower's output written at the pad tokens of `kind`."""
-        is_pad = ids_T == token_id
-        if pixels is None:
-            if grid_thw is not None:
+        if feats is None:
+            if has_grid:
                 raise ValueError(f"{kind}_grid_thw given without pixel values")
             return hidden_TD
-        if grid_thw is None:
+        if not has_grid:
             raise ValueError(f"pixel values for {kind}s given without {kind}_grid_thw")
-        feats = self.visual(pixels, grid_thw).to(hidden_TD.dtype)
+        is_pad = ids_T == token_id
+        feats = feats.to(hidden_TD.dtype)
         n_pad = int(is_pad.sum())
         if n_pad != feats.shape[0]:
-            raise ValueError(f"{kind}s give {feats.shape[0]} embeddings (from {kind}_grid_thw "
-                             f"{torch.as_tensor(grid_thw).tolist()}) but input_ids hold {n_pad} {kind} pad tokens")
+            raise ValueError(f"{kind}s give {feats.shape[0]} embeddings but input_ids hold {n_pad} {kind} pad tokens")
         return hidden_TD.masked_scatter(is_pad.unsqueeze(-1), feats)
+
+
+@dataclass
+class DecoderInputs:
+    """A packed micro-batch as the decoder sees it, besides the hidden states."""
+    ids: torch.Tensor                   # [T] token ids
+    position_ids: torch.Tensor          # [3, T] M-RoPE positions (t, h, w streams)
+    inv_freq: torch.Tensor              # [d/2] fp32 rotary frequencies
+    cu_seqlens: torch.Tensor            # int32 [B + 1] sample boundaries
+    max_seqlen: int                     # longest sample
+    target: torch.Tensor | None         # [T] next-token targets (ignore_index where none), None without labels
+    ignore_index: int = -100
+    batch_shape: tuple[int, ...] = ()   # input_ids' shape ([T] or [B, S]) for shaping logits
 
 
 def _packed(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None):

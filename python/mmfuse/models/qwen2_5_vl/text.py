@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmfuse import ops
-from mmfuse.models.common.layers import RMSNorm
+from mmfuse.models.common.layers import CoreAttention, RMSNorm
 from mmfuse.models.common.recompute import maybe_recompute
 from mmfuse.models.qwen2_5_vl.config import TextConfig
 
@@ -32,21 +32,20 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.core_attention = CoreAttention(causal=True)
         self.recompute_core_attention = False  # selective recompute: re-run only attention in backward
-
-    def _core(self, q_THd, k_TKd, v_TKd, cu_seqlens, max_seqlen: int):
-        return ops.attention(q_THd, k_TKd, v_TKd, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
 
     def forward(self, x_TD: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                 cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        t = x_TD.shape[0]
-        q_THd = self.q_proj(x_TD).view(t, self.num_heads, self.head_dim)
-        k_TKd = self.k_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)
-        v_TKd = self.v_proj(x_TD).view(t, self.num_kv_heads, self.head_dim)
+        # Head counts from the projections' widths, so a tensor-parallel plan that splits the
+        # projections by heads needs no change here.
+        q_THd = self.q_proj(x_TD).unflatten(-1, (-1, self.head_dim))
+        k_TKd = self.k_proj(x_TD).unflatten(-1, (-1, self.head_dim))
+        v_TKd = self.v_proj(x_TD).unflatten(-1, (-1, self.head_dim))
         q_THd, k_TKd = ops.apply_mrope(q_THd, k_TKd, position_ids, inv_freq, self.mrope_section)
-        out_THd = maybe_recompute(self.recompute_core_attention, self._core, q_THd, k_TKd, v_TKd, cu_seqlens,
-                                  max_seqlen)
-        return self.o_proj(out_THd.reshape(t, self.num_heads * self.head_dim))
+        out_THd = maybe_recompute(self.recompute_core_attention, self.core_attention, q_THd, k_TKd, v_TKd,
+                                  cu_seqlens, max_seqlen)
+        return self.o_proj(out_THd.flatten(1))
 
 
 class TextMLP(nn.Module):

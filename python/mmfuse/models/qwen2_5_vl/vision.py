@@ -10,11 +10,14 @@ M = m²·D (a group's patches side by side), H heads, Dh head dim, P flattened p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from mmfuse import ops
-from mmfuse.models.common.layers import RMSNorm
+from mmfuse.models.common.layers import CoreAttention, RMSNorm
 from mmfuse.models.common.recompute import RecomputeConfig, maybe_recompute, run_layers
 from mmfuse.models.qwen2_5_vl.config import VisionConfig
 from mmfuse.models.qwen2_5_vl.vision_windows import vision_windows
@@ -46,22 +49,20 @@ class VisionAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.core_attention = CoreAttention(causal=False)
         # Selective recompute: keep only q, k, v for backward and rerun the attention kernel there.
         self.recompute_core_attention = False
 
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
         T = x_TD.shape[0]
-        q_THDh, k_THDh, v_THDh = self.qkv(x_TD).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        # -1 heads: a tensor-parallel plan gives each rank [q_r; k_r; v_r] rows of the fused qkv.
+        qkv = self.qkv(x_TD)
+        q_THDh, k_THDh, v_THDh = qkv.view(T, 3, qkv.shape[-1] // (3 * self.head_dim), self.head_dim).unbind(1)
         q_THDh, k_THDh = ops.rotary(q_THDh, cos, sin), ops.rotary(k_THDh, cos, sin)
-        out_THDh = maybe_recompute(self.recompute_core_attention, _core_attention,
+        out_THDh = maybe_recompute(self.recompute_core_attention, self.core_attention,
                                    q_THDh, k_THDh, v_THDh, cu_seqlens, max_seqlen)
-        return self.proj(out_THDh.reshape(T, self.num_heads * self.head_dim))
-
-
-def _core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                    max_seqlen: int) -> torch.Tensor:
-    return ops.attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
+        return self.proj(out_THDh.flatten(1))
 
 
 class VisionMLP(nn.Module):
@@ -76,8 +77,9 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, full_attention: bool = False):
         super().__init__()
+        self.full_attention = full_attention  # attends over whole frames, else within 112 px windows
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = VisionAttention(cfg)
@@ -103,39 +105,63 @@ class PatchMerger(nn.Module):
         return self.mlp(x_GM)
 
 
+@dataclass
+class VisionInputs:
+    """What every block of one forward needs besides the hidden states (in window order)."""
+    cos: torch.Tensor                 # [T, Dh/2] rotary angles of each patch
+    sin: torch.Tensor
+    windows: Any                      # vision_windows(...): permutation, window and frame cu_seqlens
+
+
 class VisionTransformer(nn.Module):
     """pixel_values [T, P] (the processor's rows) and grid_thw [n, 3] -> merged tokens [T / m², O],
-    images and frames concatenated in grid_thw's order, groups in the processor's order."""
+    images and frames concatenated in grid_thw's order, groups in the processor's order.
+
+    forward = prepare (patch embedding, window permutation) → run_blocks → merge; the three parts
+    are public so a pipeline plan can place blocks on different stages."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        full = frozenset(cfg.fullatt_block_indexes)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, full_attention=i in full) for i in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        self._full_attention = frozenset(cfg.fullatt_block_indexes)
         self.recompute: RecomputeConfig | None = None   # full-recompute policy for the blocks (set by the model)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        ctx = self.inputs(pixel_values, grid_thw)
+        x_TD = self.embed(pixel_values, ctx)
+        x_TD = self.run_blocks(x_TD, ctx, self.blocks)
+        return self.merge(x_TD, ctx)
+
+    def inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionInputs:
+        """Rotary angles and windows for a batch of images/frames (no parameters involved)."""
         grid = check_vision_inputs(pixel_values, grid_thw, self.cfg).to(pixel_values.device)
         cfg, unit = self.cfg, self.cfg.spatial_merge_size ** 2
         win = vision_windows(grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
-
-        x_TD = self.patch_embed(pixel_values)
         cos, sin = ops.vision_rope_cos_sin(grid, cfg.head_dim, cfg.spatial_merge_size, cfg.rope_theta)
-        # One permutation into window order for the whole stack; full-attention blocks see frames
-        # as contiguous runs of it too, so nothing is permuted between blocks.
-        x_TD, cos, sin = (_by_group(t, win.window_index, unit) for t in (x_TD, cos, sin))
+        cos, sin = (_by_group(t, win.window_index, unit) for t in (cos, sin))
+        return VisionInputs(cos, sin, win)
 
-        index = {id(b): i for i, b in enumerate(self.blocks)}
+    def embed(self, pixel_values: torch.Tensor, ctx: VisionInputs) -> torch.Tensor:
+        """Patch embeddings in window order. One permutation for the whole stack; full-attention
+        blocks see frames as contiguous runs of it too, so nothing is permuted between blocks."""
+        return _by_group(self.patch_embed(pixel_values), ctx.windows.window_index, self.cfg.spatial_merge_size ** 2)
+
+    def run_blocks(self, x_TD: torch.Tensor, ctx: VisionInputs, blocks) -> torch.Tensor:
+        win = ctx.windows
 
         def block_call(block, h):
-            if index[id(block)] in self._full_attention:
-                return block(h, cos, sin, win.cu_seqlens, win.max_seqlen)
-            return block(h, cos, sin, win.cu_window_seqlens, win.max_window_seqlen)
+            if block.full_attention:
+                return block(h, ctx.cos, ctx.sin, win.cu_seqlens, win.max_seqlen)
+            return block(h, ctx.cos, ctx.sin, win.cu_window_seqlens, win.max_window_seqlen)
 
-        x_TD = run_layers(self.blocks, x_TD, self.recompute, block_call)
-        return self.merger(x_TD)[win.reverse_index]
+        return run_layers(blocks, x_TD, self.recompute, block_call)
+
+    def merge(self, x_TD: torch.Tensor, ctx: VisionInputs) -> torch.Tensor:
+        """Patch merger, then back to the processor's group order."""
+        return self.merger(x_TD)[ctx.windows.reverse_index]
 
 
 def _by_group(x_TC: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
