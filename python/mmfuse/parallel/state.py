@@ -40,7 +40,6 @@ class ParallelState:
     pp_group: Any = None
     dp_cp_group: Any = None          # gradients are averaged over data and context parallel ranks together
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's pipeline, stage order
-    embedding_group: Any = None      # first and last pipeline stage (tied embedding gradients)
 
     @property
     def tp(self) -> int:
@@ -132,12 +131,6 @@ def build_state(layout: ParallelLayout, rank: int, world_size: int) -> ParallelS
                 setattr(state, f"{kind}_group", group)
                 if kind == "pp":
                     state.pp_ranks = tuple(ranks)
-    # First and last stage of each pipeline share the (tied) embedding matrix.
-    for ranks in group_ranks(layout, world_size)["pp"]:
-        ends = sorted({ranks[0], ranks[-1]})
-        group = dist.new_group(ends, timeout=timeout) if len(ends) > 1 else None
-        if rank in ends:
-            state.embedding_group = group
     return state
 
 

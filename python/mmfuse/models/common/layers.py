@@ -37,3 +37,13 @@ class CoreAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}"
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Summed next-token loss of hidden [N, D] against the LM head weight [V, D], never holding N x V
+    logits (the fused op). A parameterless module so a tensor-parallel plan can swap in the
+    vocab-parallel version."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                ignore_index: int = -100) -> torch.Tensor:
+        return ops.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction="sum")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmfuse import ops
+from mmfuse.models.common.layers import LinearCrossEntropyLoss
 from mmfuse.models.common.recompute import RecomputeConfig, run_layers, set_selective
 from mmfuse.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from mmfuse.models.qwen2_5_vl.rope_index import rope_position_ids
@@ -49,6 +49,7 @@ class Qwen2_5_VL(nn.Module):
         self.model = TextModel(cfg.text)
         self.lm_head = None if cfg.text.tie_word_embeddings else \
             nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_loss = LinearCrossEntropyLoss()
         self.vision_recompute: RecomputeConfig | None = None
         self.text_recompute: RecomputeConfig | None = None
         self.init_weights()
@@ -171,8 +172,7 @@ class Qwen2_5_VL(nn.Module):
         hidden_TD = self.model.norm(hidden_TD)
         out = CausalLMOutput()
         if inp.target is not None:
-            out.loss_sum = ops.linear_cross_entropy(hidden_TD, self.output_weight, inp.target,
-                                                    ignore_index=inp.ignore_index, reduction="sum")
+            out.loss_sum = self.lm_loss(hidden_TD, self.output_weight, inp.target, inp.ignore_index)
             out.num_label_tokens = int((inp.target != inp.ignore_index).sum())
             out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         if return_logits or (return_logits is None and inp.target is None):
