@@ -1,0 +1,39 @@
+"""Composition of the per-stage token transforms (context parallel, then sequence parallel).
+
+A stage (models/<family>/pipeline.py) calls, in order: pad_batch (once per micro-batch),
+local_inputs (positions/targets/cu_seqlens as this rank sees them), shard_hidden (right after the
+embedding) and gather_for_head (right before the loss). Chaining applies each transform in list order,
+except gather_for_head, which runs in reverse (undo the last sharding first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class ChainTransforms:
+    def __init__(self, transforms: list[Any]):
+        self.transforms = [t for t in transforms if t is not None]
+
+    def pad_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for t in self.transforms:
+            batch = t.pad_batch(batch)
+        return batch
+
+    def local_inputs(self, inp):
+        for t in self.transforms:
+            inp = t.local_inputs(inp)
+        return inp
+
+    def shard_hidden(self, hidden_TD: torch.Tensor, inp) -> torch.Tensor:
+        for t in self.transforms:
+            hidden_TD = t.shard_hidden(hidden_TD, inp)
+            inp = t.local_inputs(inp)
+        return hidden_TD
+
+    def gather_for_head(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            hidden_TD = t.gather_for_head(hidden_TD)
+        return hidden_TD
