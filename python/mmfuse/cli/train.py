@@ -43,6 +43,15 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config field, e.g. --set optimizer.lr=2e-4 (repeatable; values are YAML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    par = p.add_argument_group("parallel layout (launch with torchrun; DP = world size / (tp·pp·cp))")
+    par.add_argument("--tp", type=int, help="tensor parallel size (parallel.tp)")
+    par.add_argument("--pp", type=int, help="pipeline stages (parallel.pp)")
+    par.add_argument("--vpp", type=int, help="model chunks per pipeline rank: interleaved 1F1B (parallel.vpp)")
+    par.add_argument("--cp", type=int, help="context parallel size (parallel.cp)")
+    par.add_argument("--cp-kind", choices=("ring", "ulysses"), help="context parallel algorithm (parallel.cp_kind)")
+    par.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
+    par.add_argument("--no-sequence-parallel", action="store_true",
+                     help="with tp > 1, keep whole sequences on every rank (parallel.sequence_parallel: false)")
     add_megatron_arguments(p, skip=SHARED_WITH_YAML_MODE)
     # unknown flags reach run() (see mmfuse.cli.main), which names them
     p.set_defaults(run=run, accepts_unknown=True)
@@ -63,7 +72,13 @@ def overrides_from(args: argparse.Namespace) -> dict:
     flags = {"training.max_steps": args.max_steps, "checkpoint.save_dir": args.save_dir,
              "checkpoint.save_interval": args.save_interval, "training.seed": args.seed,
              "logging.log_jsonl": args.log_jsonl}
+    flags.update({"parallel.tp": args.tp, "parallel.pp": args.pp, "parallel.vpp": args.vpp, "parallel.cp": args.cp,
+                  "parallel.cp_kind": args.cp_kind})
     out.update({k: v for k, v in flags.items() if v is not None})
+    if args.zero1:
+        out["parallel.zero1"] = True
+    if args.no_sequence_parallel:
+        out["parallel.sequence_parallel"] = False
     if args.resume:
         out["checkpoint.resume"] = True
     if args.no_load_optimizer:

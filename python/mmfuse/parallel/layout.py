@@ -47,7 +47,8 @@ class ParallelLayout:
         per_replica = self.tp * self.pp * self.cp
         if world_size < 1 or world_size % per_replica:
             raise ValueError(f"world size {world_size} is not divisible by tp·pp·cp = {self.tp}·{self.pp}·{self.cp} "
-                             f"= {per_replica}; launch a multiple of {per_replica} processes or change the layout")
+                             f"= {per_replica}; launch a multiple of {per_replica} processes (e.g. torchrun "
+                             f"--nproc-per-node {per_replica} -m mmfuse train ...) or change the layout")
         if model_cfg is not None:
             self._validate_model(model_cfg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import yaml
 from mmfuse.models.common.lora import LoRAConfig
 from mmfuse.models.common.recompute import RecomputeConfig
 from mmfuse.models.qwen2_5_vl.freeze import MODULE_GROUPS
+from mmfuse.parallel.layout import ParallelLayout
 from mmfuse.train.optim import OptimizerConfig
 from mmfuse.utils.typed_config import build, to_dict
 
@@ -65,14 +67,6 @@ class LoggingSection:
 
 
 @dataclass
-class ParallelSection:
-    """Parallel layout (single process for now)."""
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-
-
-@dataclass
 class RunConfig:
     """Everything one `mmfuse train` run needs."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -81,7 +75,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)  # tp/pp/vpp/cp sizes and options
 
     def validate(self) -> None:
         """Every check that can fail before any work starts; errors name the field."""
@@ -109,10 +103,14 @@ class RunConfig:
             raise ValueError("checkpoint.save_dir: required (where checkpoints and metrics go)")
         if c.save_interval < 0 or c.keep_last < 0:
             raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
-        if (self.parallel.tp, self.parallel.pp, self.parallel.cp) != (1, 1, 1):
-            raise ValueError("parallel: tp/pp/cp > 1 are not available yet; use tp=pp=cp=1")
+        self.parallel.validate(world_size())
         if self.logging.log_interval < 1:
             raise ValueError("logging.log_interval must be >= 1")
+
+
+def world_size() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
