@@ -1,13 +1,11 @@
 """The training loop: a readable path from the run config to the fused kernels.
 
-One optimizer step = grad_accum packed micro-batches. The loss is the mean over every label token
-of the step (each micro-batch contributes loss_sum / tokens_in_step), so accumulation gives the
-same gradient as one big batch.
+One optimizer step = grad_accum packed micro-batches per data-parallel rank; what a step does to the
+model is the engine's (train/engine.py: one process, or train/parallel_engine.py across ranks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import sys
@@ -22,10 +20,10 @@ import torch
 from mmfuse.models.common.lora import apply_lora
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.models.qwen2_5_vl.freeze import freeze
-from mmfuse.models.qwen2_5_vl.model import shift_labels
 from mmfuse.train import checkpoint as ckpt
 from mmfuse.train.config import RunConfig, dump_run_config, weights_dir
-from mmfuse.train.metrics import device_peak_tflops, peak_memory_bytes, step_flops
+from mmfuse.train.engine import LocalEngine
+from mmfuse.train.metrics import device_peak_tflops, peak_memory_bytes
 from mmfuse.train.optim import build_optimizer, lr_at, set_lr
 
 BATCH_KEYS = ("input_ids", "labels", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -84,19 +82,34 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
-def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = print,
-          on_step_end: Callable[[torch.nn.Module, StepMetrics], str | None] | None = None) -> list[StepMetrics]:
-    """Run (or resume) training as cfg says, feeding from `batches`; returns the step metrics.
-    `on_step_end(model, metrics)` runs after each step (e.g. an evaluation); a string it returns
-    is logged."""
-    t, c = cfg.training, cfg.checkpoint
-    seed_everything(t.seed)
+def build_engine(cfg: RunConfig, state: Any = None):
+    """LocalEngine in one process; ParallelEngine when the run spans ranks."""
+    if state is not None and state.world_size > 1:
+        from mmfuse.train.parallel_engine import ParallelEngine
+        return ParallelEngine(cfg, state)
     model = build_model(cfg)
     model.train()
-    optimizer = build_optimizer(model, cfg.optimizer)
+    return LocalEngine(model, build_optimizer(model, cfg.optimizer), cfg.training.bf16)
+
+
+def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = print,
+          on_step_end: Callable[[torch.nn.Module, StepMetrics], str | None] | None = None,
+          state: Any = None) -> list[StepMetrics]:
+    """Run (or resume) training as cfg says, feeding from `batches` (this data-parallel rank's
+    micro-batches); returns the step metrics. `state` is the ParallelState of a multi-rank run
+    (None: one process). `on_step_end(model, metrics)` runs after each step (e.g. an evaluation);
+    a string it returns is logged."""
+    t, c = cfg.training, cfg.checkpoint
+    seed_everything(t.seed)
+    engine = build_engine(cfg, state)
+    model = engine.model
+    main = engine.is_logging_rank
+    if not main:
+        log = _quiet
     save_dir = Path(c.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "run_config.yaml").write_text(dump_run_config(cfg))
+    if main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "run_config.yaml").write_text(dump_run_config(cfg))
 
     start = 0
     tokens_seen = 0
@@ -105,64 +118,55 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         if latest is None:
             log(f"resume: no checkpoint in {save_dir}; starting from step 0")
         else:
-            restored = ckpt.load_checkpoint(latest, model, optimizer, c.load_optimizer, c.load_rng)
+            restored = engine.load(latest, c.load_optimizer, c.load_rng)
             start = restored.step
             tokens_seen = int(restored.state.get("tokens_seen", 0))
-            if "data" in restored.state:
-                batches.load_state_dict(restored.state["data"])
+            data_state = restored.state.get("data_ranks", [restored.state.get("data")])
+            rank_state = data_state[getattr(state, "dp_rank", 0)] if len(data_state) > 1 else data_state[0]
+            if rank_state is not None:
+                batches.load_state_dict(rank_state)
             log(f"resumed from {latest} at step {start}")
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; steps {start} -> {t.max_steps}, "
-        f"grad_accum {t.grad_accum}")
+    where = "" if engine.world_size == 1 else f" on rank 0 of {engine.world_size} ({engine.describe()})"
+    log(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable{where}; steps {start} -> "
+        f"{t.max_steps}, grad_accum {t.grad_accum}")
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
     stream = iter(batches)
     history: list[StepMetrics] = []
     metrics_path = Path(cfg.logging.log_jsonl) if cfg.logging.log_jsonl else save_dir / "metrics.jsonl"
     peak = device_peak_tflops(device, t.peak_tflops) * 1e12
     run_began = time.perf_counter()
-    bar = _progress(cfg, start)
-    board = _tensorboard(cfg, save_dir)
+    bar = _progress(cfg, start) if main else None
+    board = _tensorboard(cfg, save_dir) if main else None
 
     def save(step: int) -> None:
-        state = {"tokens_seen": tokens_seen, "data": batches.state_dict()}
-        path = ckpt.save_checkpoint(save_dir, step, model, optimizer, state, lora=cfg.model.lora,
-                                    save_optimizer=c.save_optimizer, save_rng=c.save_rng, keep_last=c.keep_last)
+        state_ = {"tokens_seen": tokens_seen, "data": batches.state_dict()}
+        path = engine.save(save_dir, step, state_, cfg.model.lora, c.save_optimizer, c.save_rng, c.keep_last)
         log(f"saved {path}")
 
     for step in range(start, t.max_steps):
         began = time.perf_counter()
         lr = lr_at(step, cfg.optimizer, t.max_steps)
-        set_lr(optimizer, lr)
+        set_lr(engine.optimizer, lr)
         micro = [_to_device(next(stream), device, dtype) for _ in range(t.grad_accum)]
-        label_tokens = sum(int((shift_labels(b["labels"], b["cu_seqlens"]) != -100).sum()) for b in micro)
-        tokens = sum(int(b["input_ids"].numel()) for b in micro)
-        loss_sum = 0.0
-        for b in micro:
-            with autocast:
-                out = model(**b)
-            (out.loss_sum / max(label_tokens, 1)).backward()
-            loss_sum += float(out.loss_sum.detach())
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens
+        r = engine.step(micro, cfg.optimizer.grad_clip)
+        tokens_seen += r.tokens
         now = time.perf_counter()
         seconds = now - began
-        m = StepMetrics(step=step + 1, loss=loss_sum / max(label_tokens, 1), lr=lr, grad_norm=grad_norm,
-                        tokens=tokens, label_tokens=label_tokens,
-                        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
-                        mfu=step_flops(model, micro) / (seconds * peak) if peak > 0 and seconds > 0 else None,
+        per_device = peak * engine.world_size
+        m = StepMetrics(step=step + 1, loss=r.loss_sum / max(r.label_tokens, 1), lr=lr, grad_norm=r.grad_norm,
+                        tokens=r.tokens, label_tokens=r.label_tokens,
+                        tokens_per_s=r.tokens / seconds / engine.world_size if seconds > 0 else 0.0,
+                        mfu=r.flops / (seconds * per_device) if per_device > 0 and seconds > 0 else None,
                         mem_peak_bytes=peak_memory_bytes(device), step_s=seconds, elapsed_s=now - run_began)
         history.append(m)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(asdict(m)) + "\n")
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(asdict(m)) + "\n")
         if board is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_peak_bytes"):
                 board.add_scalar(f"train/{key}", getattr(m, key), m.step)
@@ -172,7 +176,8 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == t.max_steps:
             line = (f"step {m.step}/{t.max_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | grad {m.grad_norm:.3f}")
             if cfg.logging.log_tps:
-                line += f" | {m.tokens_per_s:,.0f} tok/s | {m.step_s:.2f} s/step"
+                line += f" | {m.tokens_per_s:,.0f} tok/s" + ("/device" if engine.world_size > 1 else "") + \
+                        f" | {m.step_s:.2f} s/step"
                 if m.mfu is not None:
                     line += f" | MFU {100 * m.mfu:.1f}%"
             (bar.write if bar is not None else log)(line)
@@ -190,12 +195,13 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         save(t.max_steps)
     if c.export_hf:
         final = save_dir / "final"
-        if cfg.model.lora is not None:
-            ckpt.save_adapters(model, final / "adapters", cfg.model.lora)
-        else:
-            model.save_pretrained(final)
+        engine.export(final, cfg.model.lora)
         log(f"exported {final}")
     return history
+
+
+def _quiet(_: str) -> None:
+    """Log sink of the ranks that do not print (one rank speaks for the run)."""
 
 
 def _tensorboard(cfg: RunConfig, save_dir: Path):

@@ -30,14 +30,21 @@ def device_peak_tflops(device: torch.device, configured: float = 0.0) -> float:
     return 0.0
 
 
-def step_flops(model, batches: list[dict]) -> float:
-    """Model FLOPs (forward + backward) of the micro-batches of one step (definition above)."""
-    cfg = model.cfg
-    t, v = cfg.text, cfg.vision
+def flop_params(model) -> tuple[int, int]:
+    """(text, vision) parameter counts that enter the 6·N·tokens terms, from the whole (unsplit) model."""
     text_params = sum(p.numel() for n, p in model.named_parameters()
                       if n.startswith("model.") and "embed_tokens" not in n)
     text_params += model.output_weight.numel()          # the LM head matmul, tied or not
     vision_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
+    return text_params, vision_params
+
+
+def step_flops(model, batches: list[dict], params: tuple[int, int] | None = None) -> float:
+    """Model FLOPs (forward + backward) of the micro-batches of one step (definition above).
+    `params` = flop_params of the whole model, when `model` holds only a part of it."""
+    cfg = model.cfg
+    t, v = cfg.text, cfg.vision
+    text_params, vision_params = params or flop_params(model)
     flops = 0.0
     for b in batches:
         cu = b["cu_seqlens"].long()
