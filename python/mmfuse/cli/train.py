@@ -119,25 +119,34 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmfuse.models.qwen2_5_vl.hf_adapter import read_config
+    from mmfuse.parallel.state import destroy_parallel, init_parallel
     from mmfuse.train.batches import build_batches
+    from mmfuse.train.config import weights_dir
     from mmfuse.train.loop import train
 
     try:
         cfg = run_config(args)
-        batches = build_batches(cfg)
+        # The layout is checked against the world size and the model before any rendezvous.
+        state = init_parallel(cfg.parallel, cfg.training.device, read_config(weights_dir(cfg.model.pretrained)))
+        batches = build_batches(cfg, state.dp_rank, state.dp)
     except (ValueError, FileNotFoundError) as e:
         print(f"mmfuse train: {e}", file=sys.stderr)
         return 2
-    history = train(cfg, batches)
-    if history:
+    try:
+        history = train(cfg, batches, state=state)
+    finally:
+        destroy_parallel()
+    if history and state.rank == 0:
         first, last = history[0], history[-1]
-        tps = sum(m.tokens for m in history) / max(sum(m.step_s for m in history), 1e-9)
+        tps = sum(m.tokens_per_s * m.step_s for m in history) / max(sum(m.step_s for m in history), 1e-9)
+        per = "/device" if state.world_size > 1 else ""
         print(f"done: steps {first.step}-{last.step}, loss {first.loss:.4f} -> {last.loss:.4f}, "
-              f"{tps:,.0f} tokens/s, peak memory {last.mem_peak_bytes / 2**30:.2f} GiB; "
+              f"{tps:,.0f} tokens/s{per}, peak memory {last.mem_peak_bytes / 2**30:.2f} GiB; "
               f"run folder {cfg.checkpoint.save_dir}")
     skipped = batches.report.total if hasattr(batches, "report") else 0
     if skipped:
-        print(f"skipped samples: {batches.report.format()}")
+        print(f"skipped samples (rank {state.rank}): {batches.report.format()}")
     return 0
 
 

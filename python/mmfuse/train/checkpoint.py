@@ -59,6 +59,17 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module, op
                     state: dict[str, Any], lora: LoRAConfig | None = None, save_optimizer: bool = True,
                     save_rng: bool = True, keep_last: int = 0) -> Path:
     """Write checkpoint `step` atomically; keep only the newest keep_last (0 keeps all)."""
+    tensors = optimizer_tensors(model, optimizer) if save_optimizer else None
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return write_checkpoint(save_dir, step, model, tensors, groups, state, lora, save_rng, keep_last)
+
+
+def write_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module,
+                     optimizer_state: dict[str, torch.Tensor] | None, param_groups: list[dict[str, Any]],
+                     state: dict[str, Any], lora: LoRAConfig | None = None, save_rng: bool = True,
+                     keep_last: int = 0) -> Path:
+    """save_checkpoint from parts: the whole model, optimizer tensors by `name::key` (None: not saved)
+    and the param groups' settings. A multi-rank run gathers these on one rank and calls this."""
     d = Path(save_dir)
     d.mkdir(parents=True, exist_ok=True)
     for stale in d.glob(f".{STEP_PREFIX}*.tmp"):
@@ -70,10 +81,9 @@ def save_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module, op
         save_adapters(model, tmp / "adapters", lora)
     else:
         model.save_pretrained(tmp / "model")
-    if save_optimizer:
-        save_file(_optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
-    full_state = dict(state, step=step, param_groups=[{k: v for k, v in g.items() if k != "params"}
-                                                      for g in optimizer.param_groups])
+    if optimizer_state is not None:
+        save_file(optimizer_state, str(tmp / "optimizer.safetensors"))
+    full_state = dict(state, step=step, param_groups=param_groups)
     if save_rng:
         save_file(_torch_rng(), str(tmp / "rng.safetensors"))
         full_state["python_rng"] = _py_rng_state()
@@ -111,15 +121,33 @@ def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, optimizer: torch.
         if not opt_path.is_file():
             raise FileNotFoundError(f"{opt_path}: missing; resume with --no-load-optimizer to start the optimizer afresh")
         _load_optimizer(model, optimizer, load_file(str(opt_path)), opt_path)
-        for g, saved in zip(optimizer.param_groups, state.get("param_groups", [])):
-            g.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
+        restore_lr(optimizer, state)
     if load_rng and (c / "rng.safetensors").is_file():
-        _set_torch_rng(load_file(str(c / "rng.safetensors")))
-        if "python_rng" in state:
-            random.setstate(_py_rng_from(state["python_rng"]))
-        if "numpy_rng" in state:
-            np.random.set_state(_np_rng_from(state["numpy_rng"]))
+        set_rng(c, state)
     return Restored(step=int(state["step"]), state=state)
+
+
+def restore_lr(optimizer, state: dict[str, Any]) -> None:
+    for g, saved in zip(optimizer.param_groups, state.get("param_groups", [])):
+        g.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
+
+
+def per_param_state(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """optimizer.safetensors' `name::key` tensors grouped by parameter name."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, k = key.rpartition("::")
+        out.setdefault(name, {})[k] = t
+    return out
+
+
+def set_rng(c: Path, state: dict[str, Any]) -> None:
+    if (c / "rng.safetensors").is_file():
+        _set_torch_rng(load_file(str(c / "rng.safetensors")))
+    if "python_rng" in state:
+        random.setstate(_py_rng_from(state["python_rng"]))
+    if "numpy_rng" in state:
+        np.random.set_state(_np_rng_from(state["numpy_rng"]))
 
 
 # ---- optimizer state by parameter name ---------------------------------------------------------
@@ -128,7 +156,8 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state as flat tensors named `param_name::key` (the file's layout)."""
     names = _param_names(model)
     out = {}
     for g in optimizer.param_groups:
@@ -143,10 +172,7 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors:
                     path: Path) -> None:
     by_name = dict(model.named_parameters())
     trained = {p for g in optimizer.param_groups for p in g["params"]}
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, _, k = key.rpartition("::")
-        per_param.setdefault(name, {})[k] = t
+    per_param = per_param_state(tensors)
     unknown = sorted(n for n in per_param if n not in by_name or by_name[n] not in trained)
     if unknown:
         raise ValueError(f"{path}: optimizer state for parameters this run does not train: {unknown[:10]} "

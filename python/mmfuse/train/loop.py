@@ -121,10 +121,7 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
             restored = engine.load(latest, c.load_optimizer, c.load_rng)
             start = restored.step
             tokens_seen = int(restored.state.get("tokens_seen", 0))
-            data_state = restored.state.get("data_ranks", [restored.state.get("data")])
-            rank_state = data_state[getattr(state, "dp_rank", 0)] if len(data_state) > 1 else data_state[0]
-            if rank_state is not None:
-                batches.load_state_dict(rank_state)
+            _restore_data_position(batches, restored.state, state, log)
             log(f"resumed from {latest} at step {start}")
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -198,6 +195,20 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         engine.export(final, cfg.model.lora)
         log(f"exported {final}")
     return history
+
+
+def _restore_data_position(batches: BatchSource, saved: dict[str, Any], state: Any, log) -> None:
+    """Continue each data-parallel rank's sampler where it stopped. A checkpoint from another
+    data-parallel size cannot continue the same sample order: the data then starts afresh (said so)."""
+    per_rank = saved.get("data_ranks") or [saved.get("data")]
+    dp, dp_rank = (state.dp, state.dp_rank) if state is not None else (1, 0)
+    if per_rank[0] is None:
+        return
+    if len(per_rank) != dp:
+        log(f"resume: the checkpoint was written with {len(per_rank)} data-parallel ranks, this run has {dp}; "
+            f"the data order starts afresh (weights, optimizer and step continue)")
+        return
+    batches.load_state_dict(per_rank[dp_rank])
 
 
 def _quiet(_: str) -> None:

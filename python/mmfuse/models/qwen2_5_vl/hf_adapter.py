@@ -99,6 +99,23 @@ def load_state_dict(model: torch.nn.Module, hf_dir: str | os.PathLike, dtype: to
     model.load_state_dict(loaded, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
+def read_weights(hf_dir: str | os.PathLike, names: set[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Only the named tensors (mmfuse names, full shapes) from a directory's safetensors, read lazily:
+    a pipeline or tensor-parallel rank loads what it holds, not the whole model. Missing names raise."""
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(hf_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = canonical_name(key)
+                if name in names and name not in out:
+                    t = f.get_tensor(key)
+                    out[name] = (t.reshape(t.shape[0], -1) if name == PATCH_EMBED else t).to(dtype or t.dtype)
+    missing = sorted(names - set(out))
+    if missing:
+        raise ValueError(f"{hf_dir}: {len(missing)} tensors missing, e.g. {missing[:_MAX_LISTED]}")
+    return out
+
+
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under released HF names and shapes (patch embed back to Conv3d)."""
     cfg: Qwen2_5_VLConfig = model.cfg

@@ -1,0 +1,239 @@
+"""One optimizer step across ranks: this rank's share of the model (pipeline stages, tensor-parallel
+slices, context-parallel attention), the pipeline schedule over the step's micro-batches, gradient
+reduction over data (and context) parallel ranks overlapped with backward, and the optimizer
+(ZeRO-1 when asked). Checkpoints use the one full layout (parallel/checkpoint.py).
+
+Building: the model is created on the meta device, cut to this rank's stages and tensor-parallel
+slices, then materialised and filled with the tensors this rank holds, so no rank ever allocates
+the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from mmfuse.models.common.lora import LoRAConfig
+from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
+from mmfuse.models.qwen2_5_vl.freeze import freeze
+from mmfuse.models.qwen2_5_vl.hf_adapter import read_config
+from mmfuse.parallel import checkpoint as pckpt
+from mmfuse.parallel.state import ParallelState
+from mmfuse.parallel.transforms import ChainTransforms
+from mmfuse.train import checkpoint as ckpt
+from mmfuse.train.config import RunConfig, weights_dir
+from mmfuse.train.engine import StepResult, label_tokens_of
+from mmfuse.train.metrics import flop_params, step_flops
+from mmfuse.train.optim import build_optimizer
+
+
+class ParallelEngine:
+    def __init__(self, cfg: RunConfig, state: ParallelState):
+        from mmfuse.models.qwen2_5_vl.parallelize import apply_tensor_parallel
+        from mmfuse.parallel.context_parallel import ContextParallelTransforms, apply_context_parallel
+        from mmfuse.parallel.data_parallel import GradReducer
+        from mmfuse.parallel.pipeline_schedule import build_pipeline_chunks
+        from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms
+
+        layout, m = cfg.parallel, cfg.model
+        if m.lora is not None:
+            raise ValueError("model.lora: LoRA runs in one process for now (parallel layouts train full weights)")
+        self.cfg, self.state, self.world_size = cfg, state, state.world_size
+        self.is_logging_rank = state.rank == 0
+        hf_dir = weights_dir(m.pretrained)
+        model_cfg = read_config(hf_dir)
+        layout.validate(state.world_size, model_cfg)
+        with torch.device("meta"):
+            model = Qwen2_5_VL(model_cfg)
+        self._flop_params = flop_params(model)
+        if m.freeze:
+            freeze(model, m.freeze)
+        self.chunks = build_pipeline_chunks(model, layout, state)
+        self.model = self.chunks[0][0]
+        sp = layout.sequence_parallel and state.tp > 1
+        for part in self._parts():
+            if state.tp > 1:
+                apply_tensor_parallel(part, state.tp_group, sp)
+        device = torch.device(cfg.training.device)
+        dtype = getattr(torch, m.dtype)
+        for part in self._parts():
+            part.to_empty(device=device)
+            part.to(dtype)
+            pckpt.load_weights(part, hf_dir, state)
+            if state.cp > 1:
+                apply_context_parallel(part, state.cp_group, layout.cp_kind)
+            part.set_recompute(vision=m.recompute_vision, text=m.recompute_text)
+            part.train()
+        self.transforms = ChainTransforms([
+            ContextParallelTransforms(state.cp_group, layout.cp_kind) if state.cp > 1 else None,
+            SequenceParallelTransforms(state.tp_group, cp_size=state.cp) if sp else None])
+        named = [(n, p) for part in self._parts() for n, p in part.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.zero = None
+        if layout.zero1:
+            from mmfuse.parallel.zero import ZeroAdamW
+            self.zero = ZeroAdamW.from_adamw(self.model, self.optimizer, group=state.dp_cp_group)
+            self.optimizer = self.zero
+        self.reducer = GradReducer(named, state.dp_cp_group, layout.bucket_mb, layout.overlap_grad_reduce,
+                                   shard=layout.zero1)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.training.bf16 \
+            else contextlib.nullcontext
+
+    def _parts(self) -> list[Qwen2_5_VL]:
+        seen, out = set(), []
+        for part, _ in self.chunks:
+            if id(part) not in seen:
+                seen.add(id(part))
+                out.append(part)
+        return out
+
+    def describe(self) -> str:
+        s, lay = self.state, self.state.layout
+        extras = [f"vpp {lay.vpp}" if lay.vpp > 1 else "", f"cp {lay.cp_kind}" if s.cp > 1 else "",
+                  "sp" if lay.sequence_parallel and s.tp > 1 else "", "zero1" if lay.zero1 else ""]
+        return f"tp {s.tp} · pp {s.pp} · cp {s.cp} · dp {s.dp}" + "".join(f", {e}" for e in extras if e)
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self, micro: list[dict[str, Any]], grad_clip: float) -> StepResult:
+        from mmfuse.parallel.pipeline_schedule import forward_backward, sync_tied_embedding_grads
+        from mmfuse.parallel.tensor_parallel import sync_sequence_parallel_grads
+
+        s = self.state
+        counts = torch.tensor([sum(label_tokens_of(b) for b in micro), sum(int(b["input_ids"].numel()) for b in micro)],
+                              dtype=torch.float64)
+        _all_reduce(counts, s.dp_group)
+        label_tokens, tokens = int(counts[0]), int(counts[1])
+
+        def grad_sync(is_last_backward: bool):
+            return contextlib.nullcontext() if is_last_backward else self.reducer.no_sync()
+
+        with self.autocast():
+            loss_sum, _ = forward_backward(self.chunks, micro, s, 1.0 / max(label_tokens, 1), self.transforms,
+                                           grad_sync)
+        self.reducer.finish()
+        for part in self._parts():
+            if s.tp > 1:
+                sync_sequence_parallel_grads(part, s.tp_group)
+            if s.pp > 1 and part.cfg.text.tie_word_embeddings:
+                sync_tied_embedding_grads(part, s)
+        grad_norm = self._clip(grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # The loss: summed by the last stage's TP rank 0 of every (cp, dp) replica, zero elsewhere.
+        speaker = s.is_last_stage and s.tp_rank == 0
+        total = torch.tensor([loss_sum if speaker else 0.0], dtype=torch.float64)
+        _all_reduce(total, None)
+        flops = torch.tensor([step_flops(self.model, micro, self._flop_params)], dtype=torch.float64)
+        _all_reduce(flops, s.dp_group)
+        return StepResult(float(total), label_tokens, tokens, grad_norm, float(flops))
+
+    def _clip(self, max_norm: float) -> float:
+        """Global gradient norm over every parameter once (TP slices summed, replicas counted once),
+        then clipping by it."""
+        if self.zero is not None:
+            return float(self.zero.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"),
+                                                   counted=self._counted))
+        s = self.state
+        sq = torch.zeros((), dtype=torch.float64)
+        grads = []
+        for part in self._parts():
+            for n, p in part.named_parameters():
+                if p.grad is None:
+                    continue
+                grads.append(p.grad)
+                if self._counted(n, p):
+                    sq += p.grad.detach().double().pow(2).sum()
+        if s.cp_rank or s.dp_rank:
+            sq.zero_()                           # replicas of the (tp, pp) rank 0 gradients
+        _all_reduce(sq, None)
+        norm = float(sq.sqrt())
+        if max_norm > 0 and norm > max_norm:
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+        return norm
+
+    def _counted(self, name: str, p: torch.Tensor) -> bool:
+        """Whether this rank's copy of a gradient enters the global norm (each value counted once)."""
+        s = self.state
+        if getattr(p, "tp_shard", None) is None and s.tp_rank != 0:
+            return False                         # replicated over TP: rank 0 speaks for it
+        if name == "model.embed_tokens.weight" and s.pp > 1 and not any(sp.embed for _, sp in self.chunks):
+            return False                         # the last stage's copy of a tied embedding
+        return True
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def _optimizer_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.zero is not None:
+            return self.zero.state_dict()["state"]
+        names = {id(p): n for part in self._parts() for n, p in part.named_parameters()}
+        return {names[id(p)]: dict(st) for p, st in self.optimizer.state.items()}
+
+    def save(self, save_dir: Path, step: int, state: dict[str, Any], lora: LoRAConfig | None,
+             save_optimizer: bool, save_rng: bool, keep_last: int) -> Path | None:
+        s = self.state
+        weights, optim = {}, {}
+        for part in self._parts():
+            w, o = pckpt.full_tensors(part, self._optimizer_by_name() if save_optimizer else None, s)
+            weights.update(w)
+            optim.update(o)
+        data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
+        gathered = pckpt.gather_to_rank0(weights, optim, s)
+        path = None
+        if s.rank == 0:
+            full_w, full_o = gathered
+            with torch.device("meta"):
+                whole = Qwen2_5_VL(self.model.cfg)
+            whole.load_state_dict(full_w, strict=True, assign=True)
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            path = ckpt.write_checkpoint(save_dir, step, whole, full_o if save_optimizer else None, groups,
+                                         dict(state, data_ranks=data, layout=self.describe()), None, save_rng,
+                                         keep_last)
+        dist.barrier()
+        return path
+
+    def load(self, path: Path, load_optimizer: bool, load_rng: bool) -> ckpt.Restored:
+        import json
+        state = json.loads((path / "trainer_state.json").read_text())
+        for part in self._parts():
+            pckpt.load_weights(part, path / "model", self.state)
+        if load_optimizer:
+            opt_path = path / "optimizer.safetensors"
+            if not opt_path.is_file():
+                raise FileNotFoundError(f"{opt_path}: missing; resume with --no-load-optimizer")
+            per_param = ckpt.per_param_state(load_file(str(opt_path)))
+            mine = {}
+            for part in self._parts():
+                mine.update(pckpt.slice_optimizer_state(part, per_param, self.state))
+            if self.zero is not None:
+                self.zero.load_state_dict({"state": mine})
+            else:
+                by_name = {n: p for part in self._parts() for n, p in part.named_parameters()}
+                for name, st in mine.items():
+                    self.optimizer.state[by_name[name]] = st
+            ckpt.restore_lr(self.optimizer, state)
+        if load_rng:
+            ckpt.set_rng(path, state)
+        return ckpt.Restored(step=int(state["step"]), state=state)
+
+    def export(self, final: Path, lora: LoRAConfig | None) -> None:
+        weights = {}
+        for part in self._parts():
+            weights.update(pckpt.full_tensors(part, None, self.state)[0])
+        gathered = pckpt.gather_to_rank0(weights, {}, self.state)
+        if self.state.rank == 0:
+            with torch.device("meta"):
+                whole = Qwen2_5_VL(self.model.cfg)
+            whole.load_state_dict(gathered[0], strict=True, assign=True)
+            whole.save_pretrained(final)
+        dist.barrier()
+
+
+def _all_reduce(t: torch.Tensor, group) -> None:
+    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+        dist.all_reduce(t, group=group)
