@@ -255,3 +255,19 @@ def test_zero1_loads_a_one_process_adamw_state(zero):
 def test_dp2_zero1_state_loads_into_a_one_process_adamw(zero):
     for r in zero:
         _assert_params_close(r["to_adamw"]["params"], r["ref"]["params"])
+
+
+def test_reducer_without_a_group_leaves_gradients_untouched():
+    model, reducer, _, _ = _setup("adamw", None)
+    (model(**_micro(0)).loss_sum).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reducer.finish()
+    assert reducer.launches == 0
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_zero1_step_before_finish_is_an_error():
+    model, reducer, opt, _ = _setup("zero", None)
+    (model(**_micro(0)).loss_sum).backward()
+    with pytest.raises(RuntimeError, match="before reducer.finish"):
+        opt.step()

@@ -129,6 +129,7 @@ class GradReducer:
         self._sync = True
         self.launches = 0         # collectives issued so far (tests count them; benchmarks read them)
         self.wait_s = 0.0         # time spent in finish() (launching leftovers + waiting), summed
+        self.fresh = False        # shard mode: finish() filled the shards and no optimizer step used them yet
         self._hooks = []
         if overlap and self.world > 1:
             self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named]
@@ -189,6 +190,7 @@ class GradReducer:
         self.wait_s += time.perf_counter() - began
         self._handles.clear()
         self._next = 0
+        self.fresh = True
         for b in self.buckets:
             b.ready.clear()
             if self.shard:

@@ -128,6 +128,9 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self) -> None:
         """AdamW on this rank's shard (reduced gradients from reducer.finish()), then all-gather weights."""
+        if not self.reducer.fresh:
+            raise RuntimeError("ZeroAdamW.step() before reducer.finish(): the shards hold no reduced gradients")
+        self.reducer.fresh = False
         self.steps += 1
         for g, segs in zip(self.param_groups, self.segments):
             if segs:
