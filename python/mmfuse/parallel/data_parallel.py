@@ -21,6 +21,11 @@ Reduction is a SUM by default: the training loss is each rank's loss_sum divided
 count of the whole step over all ranks, so the summed gradient is the gradient of the global mean.
 `average=True` divides by the group size instead (for a loss normalised per rank).
 
+`deferred` names parameters whose gradient needs another reduction first (sequence-parallel norm
+weights summed over TP, a tied embedding summed over the pipeline): they get buckets of their own,
+placed last and launched only by `finish(before=...)`, after the caller's reduction. The other
+buckets keep overlapping backward.
+
 With `shard=True` (ZeRO-1, see zero.py) each bucket is reduce-scattered instead: rank r receives
 the summed gradient of its contiguous 1/world slice of every bucket in `bucket.shard`, and p.grad
 is left as the local (unreduced) gradient.
@@ -77,19 +82,21 @@ def named_trainable(params: NamedParams) -> list[tuple[str, nn.Parameter]]:
 
 
 def build_buckets(named: list[tuple[str, nn.Parameter]], bucket_mb: float, world: int,
-                  reduce_dtype: torch.dtype | None) -> list[Bucket]:
-    """Buckets of at least bucket_mb (the last may be smaller), in reverse registration order. A bucket
-    holds one parameter dtype, so ZeRO can all-gather updated weights into it without casts."""
+                  reduce_dtype: torch.dtype | None, deferred: frozenset[str] = frozenset()) -> list[Bucket]:
+    """Buckets of at least bucket_mb (the last may be smaller), in reverse registration order, the
+    deferred parameters' buckets last. A bucket holds one parameter dtype, so ZeRO can all-gather
+    updated weights into it without casts."""
     cap = bucket_mb * 2 ** 20
     groups: list[list[tuple[str, nn.Parameter]]] = []
-    size = 0.0
-    for name, p in reversed(named):
-        dtype = reduce_dtype or p.dtype
-        if not groups or size >= cap or groups[-1][0][1].dtype != p.dtype:
-            groups.append([])
-            size = 0.0
-        groups[-1].append((name, p))
-        size += p.numel() * dtype.itemsize
+    for part in ([x for x in named if x[0] not in deferred], [x for x in named if x[0] in deferred]):
+        size, start = 0.0, len(groups)
+        for name, p in reversed(part):
+            dtype = reduce_dtype or p.dtype
+            if len(groups) == start or size >= cap or groups[-1][0][1].dtype != p.dtype:
+                groups.append([])
+                size = 0.0
+            groups[-1].append((name, p))
+            size += p.numel() * dtype.itemsize
     buckets = []
     for index, members in enumerate(groups):
         offsets, total = [], 0
@@ -109,7 +116,8 @@ class GradReducer:
     size 1 reduces nothing (shard mode still fills `bucket.shard`, which is then the whole bucket)."""
 
     def __init__(self, params: NamedParams, group=None, bucket_mb: float = 25.0, overlap: bool = True,
-                 shard: bool = False, average: bool = False, reduce_dtype: torch.dtype | None = None):
+                 shard: bool = False, average: bool = False, reduce_dtype: torch.dtype | None = None,
+                 deferred: Iterable[str] = ()):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         self.group, self.overlap, self.shard, self.average = group, overlap, shard, average
@@ -117,7 +125,8 @@ class GradReducer:
         self.named = named_trainable(params)
         if not self.named:
             raise ValueError("GradReducer: no parameter requires grad")
-        self.buckets = build_buckets(self.named, bucket_mb, self.world if shard else 1, reduce_dtype)
+        self.deferred = frozenset(deferred)
+        self.buckets = build_buckets(self.named, bucket_mb, self.world if shard else 1, reduce_dtype, self.deferred)
         self.rank = group_rank(group)
         if shard:   # one rank: the shard is the buffer itself; otherwise a separate output tensor
             for b in self.buckets:
@@ -132,7 +141,8 @@ class GradReducer:
         self.fresh = False        # shard mode: finish() filled the shards and no optimizer step used them yet
         self._hooks = []
         if overlap and self.world > 1:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named]
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for n, p in self.named
+                           if n not in self.deferred]
 
     # ---- backward side ---------------------------------------------------------------------------
 
@@ -177,9 +187,12 @@ class GradReducer:
 
     # ---- end of the step -------------------------------------------------------------------------
 
-    def finish(self) -> None:
+    def finish(self, before=None) -> None:
         """Launch the buckets not launched yet, wait for all, and (all-reduce mode) make every p.grad
-        the reduced gradient: a view of its bucket (no copy) when dtypes match, else a copy."""
+        the reduced gradient: a view of its bucket (no copy) when dtypes match, else a copy.
+        `before()` runs first (after backward): the extra reductions of the deferred parameters."""
+        if before is not None:
+            before()
         if self.world == 1 and not self.shard:
             return
         began = time.perf_counter()

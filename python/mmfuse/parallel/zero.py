@@ -54,8 +54,10 @@ class ZeroAdamW:
     """AdamW with state sharded over `group`; gradients arrive through `self.reducer` (shard mode)."""
 
     def __init__(self, named_params: NamedParams, param_groups: list[dict[str, Any]], group=None,
-                 bucket_mb: float = 25.0, overlap: bool = True, reduce_dtype: torch.dtype | None = None):
-        self.reducer = GradReducer(named_params, group, bucket_mb, overlap, shard=True, reduce_dtype=reduce_dtype)
+                 bucket_mb: float = 25.0, overlap: bool = True, reduce_dtype: torch.dtype | None = None,
+                 deferred=()):
+        self.reducer = GradReducer(named_params, group, bucket_mb, overlap, shard=True, reduce_dtype=reduce_dtype,
+                                   deferred=deferred)
         self.group, self.world, self.rank = group, self.reducer.world, self.reducer.rank
         self.param_groups = [dict(g, params=list(g["params"])) for g in param_groups]
         for g in self.param_groups:
@@ -113,11 +115,23 @@ class ZeroAdamW:
                 p.grad.zero_()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, counted=None, over_world: bool = False) -> torch.Tensor:
         """Scale the reduced shard gradients so the global L2 norm is at most max_norm; returns the norm
-        before clipping (torch.nn.utils.clip_grad_norm_'s rule: coef = max_norm / (norm + 1e-6), ≤ 1)."""
-        sq = sum(b.shard.double().pow(2).sum() for b in self.reducer.buckets)  # padding is zero
-        if self.world > 1:
+        before clipping (torch.nn.utils.clip_grad_norm_'s rule: coef = max_norm / (norm + 1e-6), ≤ 1).
+        With tensor or pipeline parallelism the norm spans other groups too: `counted(name, param)` says
+        whether this rank's copy of a parameter enters it (replicas count once) and `over_world` sums the
+        squares over every rank instead of this optimizer's group."""
+        if counted is None:
+            sq = sum(b.shard.double().pow(2).sum() for b in self.reducer.buckets)  # padding is zero
+        else:
+            sq = torch.zeros((), dtype=torch.float64, device=self.reducer.buckets[0].shard.device)
+            for segs in self.segments:
+                for seg in segs:
+                    if counted(seg.name, seg.param):
+                        sq += seg.of_shard(self.reducer.buckets[seg.bucket].shard).double().pow(2).sum()
+        if over_world:
+            dist.all_reduce(sq)
+        elif self.world > 1:
             dist.all_reduce(sq, group=self.group)
         norm = sq.sqrt().float()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -73,14 +73,22 @@ class ParallelEngine:
             ContextParallelTransforms(state.cp_group, layout.cp_kind) if state.cp > 1 else None,
             SequenceParallelTransforms(state.tp_group, cp_size=state.cp) if sp else None])
         named = [(n, p) for part in self._parts() for n, p in part.named_parameters() if p.requires_grad]
+        # Gradients summed over another group before the data-parallel reduction: sequence-parallel norm
+        # weights (over TP) and a tied embedding held by two pipeline stages. They are reduced last.
+        self.tied = state.pp > 1 and model_cfg.text.tie_word_embeddings
+        deferred = {n for n, p in named if getattr(p, "sequence_parallel", False)}
+        if self.tied:
+            deferred.add("model.embed_tokens.weight")
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.zero = None
         if layout.zero1:
             from mmfuse.parallel.zero import ZeroAdamW
-            self.zero = ZeroAdamW.from_adamw(self.model, self.optimizer, group=state.dp_cp_group)
-            self.optimizer = self.zero
-        self.reducer = GradReducer(named, state.dp_cp_group, layout.bucket_mb, layout.overlap_grad_reduce,
-                                   shard=layout.zero1)
+            self.zero = ZeroAdamW(named, self.optimizer.param_groups, state.dp_cp_group, layout.bucket_mb,
+                                  layout.overlap_grad_reduce, deferred=deferred)
+            self.optimizer, self.reducer = self.zero, self.zero.reducer
+        else:
+            self.reducer = GradReducer(named, state.dp_cp_group, layout.bucket_mb, layout.overlap_grad_reduce,
+                                       deferred=deferred)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.training.bf16 \
             else contextlib.nullcontext
 
@@ -116,12 +124,15 @@ class ParallelEngine:
         with self.autocast():
             loss_sum, _ = forward_backward(self.chunks, micro, s, 1.0 / max(label_tokens, 1), self.transforms,
                                            grad_sync)
-        self.reducer.finish()
-        for part in self._parts():
-            if s.tp > 1:
-                sync_sequence_parallel_grads(part, s.tp_group)
-            if s.pp > 1 and part.cfg.text.tie_word_embeddings:
-                sync_tied_embedding_grads(part, s)
+
+        def other_sums():
+            for part in self._parts():
+                if s.tp > 1:
+                    sync_sequence_parallel_grads(part, s.tp_group)
+            if self.tied:
+                sync_tied_embedding_grads(self.model, s)
+
+        self.reducer.finish(before=other_sums)
         grad_norm = self._clip(grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,7 +149,7 @@ class ParallelEngine:
         then clipping by it."""
         if self.zero is not None:
             return float(self.zero.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"),
-                                                   counted=self._counted))
+                                                   counted=self._counted, over_world=True))
         s = self.state
         sq = torch.zeros((), dtype=torch.float64)
         grads = []
