@@ -44,9 +44,12 @@ def _attention_rank(rank, world, kinds):
         causal = kind != "ring_noncausal"
         core = (UlyssesAttention if kind == "ulysses" else RingAttention)(group, causal=causal)
         ql, kl, vl = (x.index_select(0, idx).clone().requires_grad_() for x in (q, k, v))
-        out = core(ql, kl, vl, cu_local, max_len(cu_local))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = core(ql, kl, vl, cu_local, max_len(cu_local))
         (out * w.index_select(0, idx)).sum().backward()
         result[kind] = [out.detach(), ql.grad, kl.grad, vl.grad]
+        result[kind + "_saved"] = sum(saved)
     return result
 
 
@@ -70,6 +73,16 @@ def test_ring_and_ulysses_attention_equal_full_attention_with_gradients(cp):
         for i, name in enumerate(["out", "dq", "dk", "dv"]):
             got = _gather_natural(results, kind, i, want[i])
             assert torch.allclose(got, want[i], rtol=1e-5, atol=1e-5), f"{kind} cp{cp} {name}"
+
+
+def test_ring_attention_keeps_only_local_tensors_for_backward():
+    """Autograd holds q, k, v, out, lse and cu_seqlens of T/cp tokens: no per-step K/V blocks."""
+    cp = 2
+    cu = _padded_cu(cp)
+    n_local = int(cu[-1]) // cp
+    local = n_local * D * (2 * H + 2 * HK) + H * n_local + cu.numel()
+    for r in run_ranks(cp, _attention_rank, ["ring"]):
+        assert r["ring_saved"] == local
 
 
 def test_zigzag_shards_partition_each_sample_evenly():
