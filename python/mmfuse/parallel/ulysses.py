@@ -5,10 +5,13 @@ runs whole on every CP rank.
 
 Shape legend: T tokens of the padded stream, H / Hk query / kv heads, d head dim.
 
-Per layer each rank sends and receives 3/cp of its q, k, v (after kv repetition) and the same of
-the output, whatever cp is; attention memory is that of T tokens over H/cp heads. cp must divide
-the query heads; when it does not divide the kv heads, each kv head is repeated so every rank gets
-whole heads (query head h still reads kv head h // (H/Hk)).
+Communication per layer: four all-to-alls in forward (q, k, v, out) and four in backward (their
+gradients); each moves (cp-1)/cp of a local [T/cp, heads, d] tensor (k/v after repetition), so the
+volume per rank shrinks with cp instead of growing like the ring's. Attention memory is that of T
+tokens over H/cp heads.
+
+cp must divide the query heads; when it does not divide the kv heads, each kv head is repeated so
+every rank gets whole heads (query head h still reads kv head h // (H/Hk)).
 """
 
 from __future__ import annotations
