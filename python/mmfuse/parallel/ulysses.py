@@ -7,7 +7,7 @@ Shape legend: T tokens of the padded stream, H / Hk query / kv heads, d head dim
 
 Communication per layer: four all-to-alls in forward (q, k, v, out) and four in backward (their
 gradients); each moves (cp-1)/cp of a local [T/cp, heads, d] tensor (k/v after repetition), so the
-volume per rank shrinks with cp instead of growing like the ring's. Attention memory is that of T
+volume per rank falls as 1/cp (the ring moves (cp-1)/cp·T tokens of K/V per rank). Attention memory is that of T
 tokens over H/cp heads.
 
 cp must divide the query heads; when it does not divide the kv heads, each kv head is repeated so
