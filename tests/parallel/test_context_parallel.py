@@ -1,0 +1,196 @@
+"""Context parallelism (parallel/cp_sharding.py, ring_attention.py, ulysses.py, context_parallel.py) on
+spawned gloo ranks: ring and Ulysses attention equal attention over the whole stream, and the tiny
+Qwen2.5-VL under CP gives the single-process loss and gradients."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mmfuse import ops
+from mmfuse.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+from mmfuse.models.qwen2_5_vl.pipeline import stage_forward, stage_specs
+from mmfuse.parallel.context_parallel import (ContextParallelTransforms, RingAttention, UlyssesAttention,
+                                              apply_context_parallel)
+from mmfuse.parallel.cp_sharding import local_cu_seqlens, max_len, zigzag_index
+from tests.parallel.batches import micro_batches, tiny_model
+from tests.parallel.spawn import run_ranks
+
+H, HK, D = 4, 2, 8
+ODD_LENGTHS = [5, 9, 3, 12]
+
+
+def _padded_cu(cp: int) -> torch.Tensor:
+    unit = 2 * cp
+    padded = [-(-n // unit) * unit for n in ODD_LENGTHS]
+    return torch.tensor([0] + padded).cumsum(0).to(torch.int32)
+
+
+def _stream(cp: int):
+    gen = torch.Generator().manual_seed(1)
+    cu = _padded_cu(cp)
+    t = int(cu[-1])
+    q, k, v = (torch.randn(t, h, D, generator=gen) for h in (H, HK, HK))
+    w = torch.randn(t, H, D, generator=gen)          # loss = sum(out · w): a dense upstream gradient
+    return cu, q, k, v, w
+
+
+def _attention_rank(rank, world, kinds):
+    cu, q, k, v, w = _stream(world)
+    group = dist.group.WORLD
+    idx = zigzag_index(cu, world, rank)
+    cu_local = local_cu_seqlens(cu, world)
+    result = {"idx": idx}
+    for kind in kinds:
+        causal = kind != "ring_noncausal"
+        core = (UlyssesAttention if kind == "ulysses" else RingAttention)(group, causal=causal)
+        ql, kl, vl = (x.index_select(0, idx).clone().requires_grad_() for x in (q, k, v))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = core(ql, kl, vl, cu_local, max_len(cu_local))
+        (out * w.index_select(0, idx)).sum().backward()
+        result[kind] = [out.detach(), ql.grad, kl.grad, vl.grad]
+        result[kind + "_saved"] = sum(saved)
+    return result
+
+
+def _gather_natural(results, key, i, like):
+    full = torch.zeros_like(like)
+    for r in results:
+        full[r["idx"]] = r[key][i]
+    return full
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_ring_and_ulysses_attention_equal_full_attention_with_gradients(cp):
+    kinds = ["ring", "ulysses", "ring_noncausal"]   # Ulysses at cp4 (2 kv heads): kv heads repeated
+    results = run_ranks(cp, _attention_rank, kinds)
+    for kind in kinds:
+        cu, q, k, v, w = _stream(cp)
+        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+        ref = ops.attention(q, k, v, cu, cu, max_len(cu), max_len(cu), causal=kind != "ring_noncausal")
+        (ref * w).sum().backward()
+        want = [ref.detach(), q.grad, k.grad, v.grad]
+        for i, name in enumerate(["out", "dq", "dk", "dv"]):
+            got = _gather_natural(results, kind, i, want[i])
+            assert torch.allclose(got, want[i], rtol=1e-5, atol=1e-5), f"{kind} cp{cp} {name}"
+
+
+def test_ring_attention_keeps_only_local_tensors_for_backward():
+    """Autograd holds q, k, v, out, lse and cu_seqlens of T/cp tokens: no per-step K/V blocks."""
+    cp = 2
+    cu = _padded_cu(cp)
+    n_local = int(cu[-1]) // cp
+    local = n_local * D * (2 * H + 2 * HK) + H * n_local + cu.numel()
+    for r in run_ranks(cp, _attention_rank, ["ring"]):
+        assert r["ring_saved"] == local
+
+
+def test_zigzag_shards_partition_each_sample_evenly():
+    cu = _padded_cu(3)
+    shards = [zigzag_index(cu, 3, r) for r in range(3)]
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(int(cu[-1])))
+    local = local_cu_seqlens(cu, 3)
+    for s in shards:
+        assert s.numel() == int(local[-1])
+        for b in range(len(ODD_LENGTHS)):           # each local sample holds only its own sample's tokens
+            part = s[int(local[b]):int(local[b + 1])]
+            assert bool(((part >= cu[b]) & (part < cu[b + 1])).all())
+
+
+def test_pad_batch_pads_each_sample_to_twice_cp_with_ignored_labels():
+    batch = {"input_ids": torch.arange(1, 18), "labels": torch.arange(1, 18),
+             "cu_seqlens": torch.tensor([0, 5, 17], dtype=torch.int32)}
+    out = ContextParallelTransforms(None, "ring").pad_batch(batch)      # no group: cp = 1, units of 2
+    assert out["cu_seqlens"].tolist() == [0, 6, 18]
+    assert out["input_ids"][5] == 0 and out["labels"][5] == -100
+    assert torch.equal(out["input_ids"][6:], batch["input_ids"][5:])
+
+
+def test_pad_batch_continues_given_positions_and_packs_a_batch_of_rows():
+    tf = ContextParallelTransforms(None, "ulysses")
+    pos = torch.arange(3).repeat(3, 1)
+    out = tf.pad_batch({"input_ids": torch.tensor([7, 8, 9]), "position_ids": pos})
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3]] * 3 and out["cu_seqlens"].tolist() == [0, 4]
+    rows = tf.pad_batch({"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    assert rows["input_ids"].tolist() == [1, 1, 1, 0, 1, 1, 1, 0] and rows["cu_seqlens"].tolist() == [0, 4, 8]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _model_rank(rank, world, kind, n_batches):
+    group = dist.group.WORLD
+    model = apply_context_parallel(tiny_model(), group, kind)
+    tf = ContextParallelTransforms(group, kind)
+    spec = stage_specs([2], [2])[0]
+    losses, counts = [], []
+    for b in micro_batches(model.cfg, n_batches):
+        out = stage_forward(model, spec, b, None, tf)
+        (out.loss_sum * 0.5).backward()
+        losses.append(out.loss_sum.detach())
+        counts.append(out.num_label_tokens)
+    grads = _grads(model)
+    for g in grads.values():
+        dist.all_reduce(g)                  # what the dp·cp gradient reduction does
+    return {"losses": losses, "counts": counts, "grads": grads}
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_cp2_qwen2_5_vl_loss_and_gradients_equal_one_process(kind):
+    model = tiny_model()
+    batches = micro_batches(model.cfg, 3)
+    want_losses, want_counts = [], []
+    for b in batches:
+        out = model(**b)
+        (out.loss_sum * 0.5).backward()
+        want_losses.append(out.loss_sum.detach())
+        want_counts.append(out.num_label_tokens)
+    want = _grads(model)
+    results = run_ranks(2, _model_rank, kind, 3)
+    for i in range(3):
+        got = sum(r["losses"][i] for r in results)
+        assert torch.allclose(got, want_losses[i], rtol=1e-5, atol=1e-5), i
+        assert sum(r["counts"][i] for r in results) == want_counts[i]
+    got = results[0]["grads"]
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_unknown_cp_kind_is_rejected():
+    with pytest.raises(ValueError, match="ring, ulysses"):
+        ContextParallelTransforms(None, "allgather")
+    with pytest.raises(ValueError, match="ring, ulysses"):
+        apply_context_parallel(tiny_model(), None, "allgather")
+
+
+def _bad_heads_rank(rank, world):
+    group = dist.group.WORLD
+    errors = []
+    cfg = Qwen2_5_VLConfig.preset("tiny")
+    cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads = 48, 3, 1
+    cfg.vision.out_hidden_size = 48
+    try:
+        apply_context_parallel(Qwen2_5_VL(cfg), group, "ulysses")
+    except ValueError as e:
+        errors.append(str(e))
+    q = torch.randn(4, 3, D)
+    k = torch.randn(4, 1, D)
+    try:
+        UlyssesAttention(group)(q, k, k, torch.tensor([0, 4], dtype=torch.int32), 4)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
+
+
+def test_ulysses_with_heads_not_divisible_by_cp_is_rejected():
+    for errors in run_ranks(2, _bad_heads_rank):
+        assert len(errors) == 2 and all("must divide the query heads (3)" in e for e in errors)
+
+
+def test_unpadded_stream_is_rejected_by_local_inputs():
+    model = tiny_model()
+    inp = model.inputs(torch.arange(1, 6), labels=torch.arange(1, 6))
+    with pytest.raises(ValueError, match="multiple of 2·cp = 2"):
+        ContextParallelTransforms(None, "ring").local_inputs(inp)
