@@ -62,7 +62,7 @@ def _layers_rank(rank, world, sp, overlap):
     return errs
 
 
-@pytest.mark.parametrize("sp,overlap", [(False, 0), (True, 0)], ids=["tp", "tp+sp"])
+@pytest.mark.parametrize("sp,overlap", [(False, 0), (True, 0), (True, 2)], ids=["tp", "tp+sp", "tp+sp+overlap"])
 def test_parallel_layers_equal_linear_and_embedding(sp, overlap):
     for errs in run_ranks(2, _layers_rank, sp, overlap):
         assert all(e < 1e-5 for e in errs.values()), errs
@@ -141,7 +141,7 @@ def _model_rank(rank, world, sp, overlap):
             "grad errors": {n: _max_err(grads[n], want[n]) for n in want}}
 
 
-@pytest.mark.parametrize("sp,overlap", [(False, 0), (True, 0)], ids=["tp2", "tp2+sp"])
+@pytest.mark.parametrize("sp,overlap", [(False, 0), (True, 0), (True, 3)], ids=["tp2", "tp2+sp", "tp2+sp+overlap"])
 def test_tp2_model_loss_and_grads_equal_single_process(sp, overlap):
     for res in run_ranks(2, _model_rank, sp, overlap, timeout_s=120.0):
         assert res["losses"] == pytest.approx(res["ref_losses"], rel=1e-5, abs=1e-5)

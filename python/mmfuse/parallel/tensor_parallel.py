@@ -25,6 +25,7 @@ from torch import nn
 
 from mmfuse.parallel.collectives import (copy_to_group, gather_sequence, group_rank, group_size,
                                          reduce_from_group, reduce_scatter_sequence)
+from mmfuse.parallel.tp_overlap import gather_linear, linear_reduce_scatter
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,6 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel and self.overlap_chunks > 1 and group_size(self.group) > 1:
-            from mmfuse.parallel.tp_overlap import gather_linear
             return gather_linear(x, self.weight, self.bias, self.group, self.overlap_chunks)
         x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_group(x, self.group)
         return F.linear(x, self.weight, self.bias)
@@ -126,7 +126,6 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel and self.overlap_chunks > 1 and group_size(self.group) > 1:
-            from mmfuse.parallel.tp_overlap import linear_reduce_scatter
             y = linear_reduce_scatter(x, self.weight, self.group, self.overlap_chunks)
         else:
             y = F.linear(x, self.weight)
