@@ -11,7 +11,7 @@ from torch import nn
 
 from mmfuse import ops
 from mmfuse.models.qwen2_5_vl.parallelize import apply_tensor_parallel, check_divisible
-from mmfuse.models.qwen2_5_vl.pipeline import keep_only, stage_forward, stage_specs
+from mmfuse.models.qwen2_5_vl.pipeline import _Absent, keep_only, stage_forward, stage_specs
 from mmfuse.parallel import ParallelLayout
 from mmfuse.parallel.collectives import gather_sequence
 from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms, pad_with_sample, padded_length
@@ -115,35 +115,50 @@ def _randomize_biases_and_norms(model):
                 p.add_(torch.randn_like(p) * 0.1)
 
 
-def _model_rank(rank, world, sp, overlap):
+VARIANTS = {"tp2": (False, 0), "tp2+sp": (True, 0), "tp2+sp+overlap": (True, 3)}   # (sequence parallel, chunks)
+
+
+def _model_rank(rank, world):
     group = dist.new_group(list(range(world)))
     model = tiny_model()
     _randomize_biases_and_norms(model)
-    ref = copy.deepcopy(model)
     spec = stage_specs([2], [2])[0]
     batches = micro_batches(model.cfg, 3)
-    tp_model = apply_tensor_parallel(keep_only(model, [spec]), group, sp, overlap_chunks=overlap)
-    transforms = SequenceParallelTransforms(group) if sp else None
-    losses, ref_losses = [], []
+    ref_losses = []
     for b in batches:
-        out_ref = stage_forward(ref, spec, b, None)
+        out_ref = stage_forward(model, spec, b, None)
         out_ref.loss_sum.backward()
-        out = stage_forward(tp_model, spec, b, None, transforms)
-        assert out.num_label_tokens == out_ref.num_label_tokens
-        out.loss_sum.backward()
-        losses.append(float(out.loss_sum))
-        ref_losses.append(float(out_ref.loss_sum))
-    sync_sequence_parallel_grads(tp_model, group)
-    grads = full_grads(tp_model, group)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert set(grads) == set(want), set(grads) ^ set(want)
-    return {"losses": losses, "ref_losses": ref_losses,
-            "grad errors": {n: _max_err(grads[n], want[n]) for n in want}}
+        ref_losses.append(float(out_ref.loss_sum.detach()))
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    results = {}
+    for variant, (sp, overlap) in VARIANTS.items():
+        tp_model = copy.deepcopy(model)
+        tp_model.zero_grad(set_to_none=True)
+        tp_model = apply_tensor_parallel(keep_only(tp_model, [spec]), group, sp, overlap_chunks=overlap)
+        transforms = SequenceParallelTransforms(group) if sp else None
+        losses = []
+        for b in batches:
+            out = stage_forward(tp_model, spec, b, None, transforms)
+            out.loss_sum.backward()
+            losses.append(float(out.loss_sum.detach()))
+        sync_sequence_parallel_grads(tp_model, group)
+        grads = full_grads(tp_model, group)
+        assert set(grads) == set(want), set(grads) ^ set(want)
+        results[variant] = {"losses": losses, "ref_losses": ref_losses,
+                            "grad errors": {n: _max_err(grads[n], want[n]) for n in want}}
+    return results
 
 
-@pytest.mark.parametrize("sp,overlap", [(False, 0), (True, 0), (True, 3)], ids=["tp2", "tp2+sp", "tp2+sp+overlap"])
-def test_tp2_model_loss_and_grads_equal_single_process(sp, overlap):
-    for res in run_ranks(2, _model_rank, sp, overlap, timeout_s=120.0):
+@pytest.fixture(scope="module")
+def model_runs():
+    """Every variant on the same two ranks (one spawn; the single-process reference computed once)."""
+    return run_ranks(2, _model_rank, timeout_s=120.0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tp2_model_loss_and_grads_equal_single_process(model_runs, variant):
+    for per_rank in model_runs:
+        res = per_rank[variant]
         assert res["losses"] == pytest.approx(res["ref_losses"], rel=1e-5, abs=1e-5)
         bad = {n: e for n, e in res["grad errors"].items() if e > 1e-4}
         assert not bad, bad
@@ -167,6 +182,21 @@ def _state_dict_rank(rank, world):
 def test_full_state_dict_equals_unsharded_and_reloads():
     for res in run_ranks(2, _state_dict_rank):
         assert all(res.values()), res
+
+
+def test_plan_applies_to_pipeline_cut_stages_and_keeps_their_results():
+    # One process (group None: tp = 1): the plan skips the layers keep_only removed, and the chained
+    # parallelised stages still compute the whole model's loss.
+    model = tiny_model()
+    specs = stage_specs([2, 0], [1, 1])
+    stages = [apply_tensor_parallel(keep_only(copy.deepcopy(model), [s]), None, True) for s in specs]
+    assert isinstance(stages[1].model.layers[1].mlp.up_proj, ColumnParallelLinear)
+    assert isinstance(stages[0].model.layers[1], _Absent)
+    for b in micro_batches(model.cfg, 2):
+        x = None
+        for m, s in zip(stages, specs):
+            x = stage_forward(m, s, b, x, SequenceParallelTransforms(None))
+        assert torch.allclose(x.loss_sum, model(**b).loss_sum, rtol=1e-6, atol=1e-6)
 
 
 # ---- checks and padding ----------------------------------------------------------------------------

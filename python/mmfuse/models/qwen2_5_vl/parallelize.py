@@ -5,6 +5,9 @@ here as Megatron's column / row / vocab layers over the unfused HF modules).
 The vision tower and the merger run without sequence parallelism: the ViT stream is in window order
 and every rank needs all merged tokens for the placement at the image pads, so their activations stay
 whole on every rank; only the decoder shards tokens between its TP regions.
+
+Training computes the loss without logits (vocab-parallel linear cross-entropy). `model.head(...,
+return_logits=True)` on a TP model returns this rank's vocabulary columns only ([T, V/tp]).
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ def apply_tensor_parallel(model: Qwen2_5_VL, tp_group, sequence_parallel: bool,
         owner = model.get_submodule(parent) if parent else model
         sp = sp and sequence_parallel
         setattr(owner, attr, _BUILD[style](getattr(owner, attr), tp_group, sp, blocks, overlap_chunks if sp else 0))
+    for p in model.parameters():
+        if not hasattr(p, "tp_shard"):
+            p.tp_shard = None     # replicated: checkpoints take it from any rank
     if sequence_parallel:
         marked = re.compile(SEQUENCE_PARALLEL_PARAMS)
         for name, p in model.named_parameters():
