@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import data, demo, info, train
+from mmfuse.cli import data, demo, info, plan, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     train.add_parser(sub)
     data.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 
