@@ -1,0 +1,238 @@
+"""Pipeline-parallel forward and backward of one optimizer step, in Megatron-core's schedules
+(pipeline_parallel/schedules.py):
+
+  pp == 1               forward then backward of each micro-batch (no pipelining)
+  pp > 1, vpp == 1      1F1B: pp − rank − 1 warm-up forwards, then one forward / one backward, then
+                        the remaining backwards
+  pp > 1, vpp > 1       interleaved 1F1B over model chunks: virtual stage v = chunk·pp + rank, micro-
+                        batches in groups of pp; needs micro-batches % pp == 0, as Megatron does
+
+The rank-local compute (which chunk, which micro-batch, when) and the communication calls mirror
+Megatron's, call for call: that sequence is what keeps the sends and receives of any two neighbours in
+the same order on both sides (p2p.py). A stage is `stage_forward` of models/qwen2_5_vl/pipeline.py;
+what passes between stages changes shape per micro-batch, so shapes travel with the tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+
+from mmfuse.models.qwen2_5_vl.pipeline import StageSpec, keep_only, stage_forward, stage_specs
+from mmfuse.parallel.layout import ParallelLayout
+from mmfuse.parallel.p2p import PipelineP2P
+from mmfuse.parallel.state import ParallelState
+
+Chunk = tuple[torch.nn.Module, StageSpec]
+
+
+def build_pipeline_chunks(model: torch.nn.Module, layout: ParallelLayout, state: ParallelState) -> list[Chunk]:
+    """This rank's (model, spec) per chunk c = 0..vpp-1, i.e. virtual stages c·pp + pp_rank. All chunks
+    share one model object that keeps (in place) only the layers of this rank's stages, so no
+    parameter exists twice on a rank and names stay global (`model.layers.17.…`)."""
+    vit, llm = layout.stage_layers(model.cfg)
+    specs = stage_specs(vit, llm)
+    mine = [specs[c * layout.pp + state.pp_rank] for c in range(layout.vpp)]
+    keep_only(model, mine)
+    return [(model, spec) for spec in mine]
+
+
+def forward_backward(chunks: list[Chunk], micro_batches: list[dict[str, Any]], state: ParallelState,
+                     loss_scale: float, transforms: Any = None,
+                     grad_sync: Callable[[bool], ContextManager] | None = None) -> tuple[float, int]:
+    """Forward and backward of all micro-batches of one step on this rank. The last virtual stage
+    backpropagates loss_sum · loss_scale (loss_scale = 1 / label tokens of the whole step, from the
+    caller). grad_sync(is_last_backward) gives the context each backward runs in (the data-parallel
+    reducer's no_sync for all but the last). Returns (summed loss, label tokens) of the micro-batches
+    whose loss this rank computed: zeros except on the last stage."""
+    pp, vpp, n = state.pp, len(chunks), len(micro_batches)
+    if vpp != state.layout.vpp:
+        raise ValueError(f"{vpp} model chunks given, but the layout has vpp = {state.layout.vpp}")
+    if vpp > 1 and n % pp:
+        raise ValueError(f"the interleaved pipeline schedule (vpp = {vpp}) runs micro-batches in groups of "
+                         f"pp = {pp}: {n} micro-batches per step is not a multiple of {pp}; change the "
+                         "gradient accumulation steps or set vpp = 1")
+    stages = _Stages(chunks, micro_batches, loss_scale, transforms, grad_sync)
+    if pp == 1:
+        for m in range(n):
+            stages.forward(0, m, None)
+            stages.backward(0, None)
+    else:
+        device = micro_batches[0]["input_ids"].device
+        p2p = PipelineP2P(state, device)
+        if vpp == 1:
+            _one_f_one_b(stages, p2p, pp, state.pp_rank, n)
+        else:
+            _interleaved(stages, p2p, pp, state.pp_rank, vpp, n)
+        p2p.wait_sends()
+    return float(stages.loss_sum), stages.tokens
+
+
+class _Stages:
+    """Forward/backward of (chunk, micro-batch) on this rank, with the tensors kept between the two."""
+
+    def __init__(self, chunks, batches, loss_scale, transforms, grad_sync):
+        self.chunks, self.batches, self.loss_scale, self.transforms = chunks, batches, loss_scale, transforms
+        self.grad_sync = grad_sync or (lambda is_last: contextlib.nullcontext())
+        self.saved: list[list[tuple[torch.Tensor | None, torch.Tensor]]] = [[] for _ in chunks]
+        self.backwards_left = len(chunks) * len(batches)
+        self.loss_sum: torch.Tensor | float = 0.0   # stays on the device until the step ends (no sync per micro-batch)
+        self.tokens = 0
+
+    def forward(self, c: int, m: int, x_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Runs chunk c on micro-batch m; returns what goes to the next stage (None from the last)."""
+        model, spec = self.chunks[c]
+        out = stage_forward(model, spec, self.batches[m], x_in, self.transforms)
+        if spec.head:
+            self.loss_sum = self.loss_sum + out.loss_sum.detach().float()
+            self.tokens += out.num_label_tokens
+            self.saved[c].append((x_in, out.loss_sum * self.loss_scale))
+            return None
+        self.saved[c].append((x_in, out))
+        return out
+
+    def backward(self, c: int, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward of chunk c's oldest stored micro-batch (each chunk runs its backwards in forward
+        order); returns the gradient for the previous stage, None on the first. The stored tensors
+        are dropped here, so a micro-batch's activations live from its forward to its backward."""
+        x_in, y = self.saved[c].pop(0)
+        self.backwards_left -= 1
+        # The context is entered even when there is nothing to backpropagate (a vision stage of a
+        # text-only micro-batch made a fresh empty tensor), so the reducer always sees its last backward.
+        with self.grad_sync(self.backwards_left == 0):
+            if y.requires_grad:
+                torch.autograd.backward(y, grad_out)
+        if x_in is None:
+            return None
+        # The first decoder stage ignores the (empty) vision input of a text-only micro-batch.
+        return x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)
+
+
+def _one_f_one_b(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, n: int) -> None:
+    first, last = rank == 0, rank == pp - 1
+    warmup = min(pp - rank - 1, n)
+    remaining = n - warmup
+
+    def recv_forward():
+        return p2p.exchange(recv_prev=not first)[0]
+
+    for m in range(warmup):
+        y = st.forward(0, m, recv_forward())
+        p2p.exchange(send_next=y)
+    x = recv_forward() if remaining else None
+    for i in range(remaining):
+        y = st.forward(0, warmup + i, x)
+        _, g = p2p.exchange(send_next=y, recv_next=not last)
+        g_in = st.backward(0, g)
+        if i == remaining - 1:
+            p2p.exchange(send_prev=g_in)
+        else:
+            x, _ = p2p.exchange(send_prev=g_in, recv_prev=not first)
+    for _ in range(warmup):
+        _, g = p2p.exchange(recv_next=not last)
+        p2p.exchange(send_prev=st.backward(0, g))
+
+
+def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n: int) -> None:
+    """Megatron's forward_backward_pipelining_with_interleaving (no p2p overlap). Iteration k of
+    either direction works on chunk chunk_id(k) and micro-batch micro_batch_id(k)."""
+    first, last = rank == 0, rank == pp - 1
+    total, group = n * vpp, pp * vpp
+
+    def chunk_id(k: int, forward: bool) -> int:
+        c = (k % group) // pp
+        return c if forward else vpp - 1 - c
+
+    def micro_batch_id(k: int) -> int:
+        return (k // group) * pp + k % pp
+
+    inputs: list[list[torch.Tensor]] = [[] for _ in range(vpp)]   # received activations, per chunk
+    grads: list[list[torch.Tensor]] = [[] for _ in range(vpp)]    # received output gradients, per chunk
+
+    def forward(k: int) -> torch.Tensor | None:
+        c = chunk_id(k, True)
+        return st.forward(c, micro_batch_id(k), None if first and c == 0 else inputs[c].pop(0))
+
+    def backward(k: int) -> torch.Tensor | None:
+        c = chunk_id(k, False)
+        return st.backward(c, None if last and c == vpp - 1 else grads[c].pop(0))
+
+    # With exactly pp micro-batches all forwards run first (Megatron: "all warmup").
+    all_warmup = n == pp
+    warmup = total if all_warmup else min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    remaining = total - warmup
+
+    x, _ = p2p.exchange(recv_prev=not first)
+    if not first:
+        inputs[0].append(x)
+    for k in range(warmup):
+        y = forward(k)
+        next_c = chunk_id(k + 1, True)
+        recv_prev = not (first and next_c == 0) and k != total - 1
+        if k == warmup - 1 and not all_warmup:
+            x, g = p2p.exchange(send_next=y, recv_prev=recv_prev, recv_next=not last)
+            if not last:
+                grads[vpp - 1].append(g)
+        else:
+            x, _ = p2p.exchange(send_next=y, recv_prev=recv_prev)
+        if recv_prev:
+            inputs[next_c].append(x)
+
+    for k in range(remaining):
+        fk, bk = k + warmup, k
+        y = forward(fk)
+        g_in = backward(bk)
+        recv_prev, recv_next = True, True
+        if first:
+            # The first rank runs pp − 1 iterations ahead of the last, whose output it receives.
+            next_fc = chunk_id(fk - (pp - 1), True)
+            recv_prev = next_fc != vpp - 1
+            next_fc += 1
+        else:
+            next_fc = chunk_id(fk + 1, True)
+        if last:
+            next_bc = chunk_id(bk - (pp - 1), False)
+            recv_next = next_bc != 0
+            next_bc -= 1
+        else:
+            next_bc = chunk_id(bk + 1, False)
+        if k == remaining - 1:
+            recv_prev = False
+        x, g = p2p.exchange(send_next=y, send_prev=g_in, recv_prev=recv_prev, recv_next=recv_next)
+        if recv_prev:
+            inputs[next_fc].append(x)
+        if recv_next:
+            grads[next_bc].append(g)
+
+    if all_warmup and not last:
+        grads[vpp - 1].append(p2p.exchange(recv_next=True)[1])
+    for k in range(remaining, total):
+        g_in = backward(k)
+        next_bc = chunk_id(k + 1, False)
+        recv_next = not (last and next_bc == vpp - 1) and k != total - 1
+        _, g = p2p.exchange(send_prev=g_in, recv_next=recv_next)
+        if recv_next:
+            grads[next_bc].append(g)
+
+
+def sync_tied_embedding_grads(model: torch.nn.Module, state: ParallelState) -> None:
+    """With tied word embeddings the first decoder stage (embedding) and the last stage (LM head) each
+    hold `model.embed_tokens.weight`; both copies must take the same update, from the summed
+    gradient. Call after the step's backward. Megatron all-reduces over an embedding group of just
+    those two ranks; here the whole pipeline group takes part, ranks without the matrix adding zeros
+    (one group fewer to build, and correct for any split, including both uses on one rank)."""
+    if state.pp == 1 or not model.cfg.text.tie_word_embeddings:
+        return
+    weight = getattr(model.model.embed_tokens, "weight", None)
+    if weight is not None:
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    else:
+        some = next(model.parameters(), None)
+        dtype, device = (some.dtype, some.device) if some is not None else (torch.float32, "cpu")
+        grad = torch.zeros(model.cfg.text.vocab_size, model.cfg.text.hidden_size, dtype=dtype, device=device)
+    dist.all_reduce(grad, group=state.pp_group)
+    if weight is not None:
+        weight.grad = grad
