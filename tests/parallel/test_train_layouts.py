@@ -5,7 +5,6 @@ reference. Also: checkpoints written under one layout resume under another."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -24,6 +24,23 @@ from mmfuse.parallel.state import ParallelState
 from mmfuse.parallel.tensor_parallel import gather_shards, load_full_state_dict, shard_of
 
 
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give a meta-device model real (uninitialised) storage, keeping each parameter's attributes
+    (`tp_shard`, `sequence_parallel`): Module.to_empty would create new Parameters without them."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                new = nn.Parameter(torch.empty_like(p, device=device, dtype=dtype if p.is_floating_point() else None),
+                                   requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                made[id(p)] = new
+            module._parameters[name] = made[id(p)]
+
+
 def load_weights(model: nn.Module, hf_dir: str | Path, state: ParallelState) -> None:
     """Fill this rank's (materialised) parameters from a full Hugging Face directory."""
     names = set(model.state_dict().keys())

@@ -232,7 +232,9 @@ def sync_tied_embedding_grads(model: torch.nn.Module, state: ParallelState) -> N
     else:
         some = next(model.parameters(), None)
         dtype, device = (some.dtype, some.device) if some is not None else (torch.float32, "cpu")
-        grad = torch.zeros(model.cfg.text.vocab_size, model.cfg.text.hidden_size, dtype=dtype, device=device)
+        # a tensor-parallel embedding holds vocab_size / tp rows on each rank
+        grad = torch.zeros(model.cfg.text.vocab_size // state.tp, model.cfg.text.hidden_size, dtype=dtype,
+                           device=device)
     dist.all_reduce(grad, group=state.pp_group)
     if weight is not None:
         weight.grad = grad

@@ -62,8 +62,7 @@ class ParallelEngine:
         device = torch.device(cfg.training.device)
         dtype = getattr(torch, m.dtype)
         for part in self._parts():
-            part.to_empty(device=device)
-            part.to(dtype)
+            pckpt.materialize(part, device, dtype)
             pckpt.load_weights(part, hf_dir, state)
             if state.cp > 1:
                 apply_context_parallel(part, state.cp_group, layout.cp_kind)
@@ -210,6 +209,7 @@ class ParallelEngine:
 
     def load(self, path: Path, load_optimizer: bool, load_rng: bool) -> ckpt.Restored:
         import json
+        path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         for part in self._parts():
             pckpt.load_weights(part, path / "model", self.state)
