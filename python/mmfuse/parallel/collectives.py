@@ -60,69 +60,33 @@ def _split0(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(n)[group_rank(group)].contiguous()
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
+def _conjugate(name: str, forward_fn, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd function applying forward_fn(x, group) and, to the gradient, backward_fn(g, group)."""
     def forward(ctx, x, group):
         ctx.group = group
-        return x.view_as(x)
+        return forward_fn(x, group)
 
-    @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+        return backward_fn(g, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x.view_as(x)
 
 
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather0(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split0(g, ctx.group), None
+def _sum(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)
 
 
-class _ScatterToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split0(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather0(g, ctx.group), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather0(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter0(g, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter0(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather0(g, ctx.group), None
+_CopyToGroup = _conjugate("_CopyToGroup", _identity, _sum)
+_ReduceFromGroup = _conjugate("_ReduceFromGroup", _sum, _identity)
+_GatherFromGroup = _conjugate("_GatherFromGroup", _all_gather0, _split0)
+_ScatterToGroup = _conjugate("_ScatterToGroup", _split0, _all_gather0)
+_GatherSequence = _conjugate("_GatherSequence", _all_gather0, _reduce_scatter0)
+_ReduceScatterSequence = _conjugate("_ReduceScatterSequence", _reduce_scatter0, _all_gather0)
 
 
 def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
