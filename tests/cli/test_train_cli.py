@@ -2,6 +2,7 @@
 demo data, resume through the flag, config errors with exit status 2, and --help for each."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -50,3 +51,12 @@ def test_help_explains_each_command(command, capsys):
 def test_python_dash_m_is_the_same_cli():
     out = subprocess.run([sys.executable, "-m", "mmfuse", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: mmfuse train" in out.stdout
+
+
+def test_command_line_paths_are_relative_to_the_working_directory(demo, tmp_path, monkeypatch):
+    from mmfuse.train.config import load_run_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(demo.train_yaml, {"checkpoint.save_dir": "runs/a"})
+    assert cfg.checkpoint.save_dir == str(tmp_path / "runs" / "a")
+    assert load_run_config(demo.train_yaml).model.pretrained.startswith(str(Path(demo.train_yaml).parent))

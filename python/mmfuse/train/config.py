@@ -124,9 +124,28 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML: {e}") from None
     try:
-        return _from_raw(raw, overrides, p.parent)
+        return _from_raw(raw, _paths_from_cwd(overrides), p.parent)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
+
+
+PATH_FIELDS = ("model.pretrained", "checkpoint.save_dir", "logging.log_jsonl", "data.dataset_dir", "data.cache_dir",
+               "data.tokenizer_dir", "data.model_name_or_path", "data.dataset")
+
+
+def _paths_from_cwd(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Paths given on the command line (--save-dir, --set checkpoint.save_dir=...) are relative to the
+    working directory, as a shell user expects; only the YAML's own paths are relative to its folder."""
+    if not overrides:
+        return overrides
+    out = dict(overrides)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value:
+            out[key] = _resolve(Path.cwd(), value)
+        elif isinstance(value, list):
+            out[key] = [_resolve(Path.cwd(), v) if isinstance(v, str) else v for v in value]
+    return out
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], base: str | Path | None = None) -> RunConfig:
