@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import mmfuse
+
 from mmfuse.cli.main import main
 from mmfuse.train.demo import make_demo_run
 
@@ -20,7 +22,9 @@ def demo(tmp_path_factory):
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    python_dir = str(Path(__file__).resolve().parents[2] / "python")
+    # The ranks import the mmfuse this test imported (the source tree in development, the installed
+    # package in CI, whose source tree has no compiled core).
+    python_dir = str(Path(mmfuse.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "mmfuse", "train",
            *args, "--no-progress"]
