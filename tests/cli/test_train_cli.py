@@ -60,3 +60,14 @@ def test_command_line_paths_are_relative_to_the_working_directory(demo, tmp_path
     cfg = load_run_config(demo.train_yaml, {"checkpoint.save_dir": "runs/a"})
     assert cfg.checkpoint.save_dir == str(tmp_path / "runs" / "a")
     assert load_run_config(demo.train_yaml).model.pretrained.startswith(str(Path(demo.train_yaml).parent))
+
+
+def test_run_summary_reports_preprocessing_cache_hits(demo, tmp_path, capsys):
+    args = [demo.train_yaml, "--no-progress", "--max-steps", "1", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", "training.seq_length=160"]
+    assert main(["train", *args, "--save-dir", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    assert main(["train", *args, "--save-dir", str(tmp_path / "b")]) == 0
+    second = capsys.readouterr().out
+    assert "preprocessing cache (rank 0):" in first and "miss" in first
+    assert "hit" in second.split("preprocessing cache (rank 0):")[1]

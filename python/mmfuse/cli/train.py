@@ -144,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: steps {first.step}-{last.step}, loss {first.loss:.4f} -> {last.loss:.4f}, "
               f"{tps:,.0f} tokens/s{per}, peak memory {last.mem_peak_bytes / 2**30:.2f} GiB; "
               f"run folder {cfg.checkpoint.save_dir}")
+    stats = getattr(getattr(batches, "dataset", None), "cache_stats", None)
+    if stats:
+        print(f"preprocessing cache (rank {state.rank}): " + ", ".join(f"{n} {k}" for k, n in sorted(stats.items())))
     skipped = batches.report.total if hasattr(batches, "report") else 0
     if skipped:
         print(f"skipped samples (rank {state.rank}): {batches.report.format()}")
