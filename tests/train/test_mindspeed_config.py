@@ -1,7 +1,8 @@
 """A MindSpeed-MM launch (model.json + data.json + Megatron flags) becomes the RunConfig the script
-means: freeze and recompute from model.json, optimizer and steps from the flags, the data section
-from data.json; shapes are checked against the checkpoint, unsupported flags are named, flags
-without effect are reported, and `mmfuse train --mm-model ... --mm-data ...` trains."""
+means: freeze, recompute and the pipeline split from model.json, optimizer, steps and the parallel
+layout from the flags (the global batch divided over the data-parallel ranks of WORLD_SIZE), the
+data section from data.json; shapes are checked against the checkpoint, unsupported flags are
+named, flags without effect are reported, and `mmfuse train --mm-model ... --mm-data ...` trains."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from mmfuse.cli.main import main
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VLConfig
-from mmfuse.train.config import load_run_config
+from mmfuse.train.config import apply_overrides, load_run_config
 from mmfuse.train.demo import make_demo_run
 from mmfuse.train.mindspeed import run_config_from_mindspeed
 
@@ -106,6 +107,9 @@ def test_megatron_defaults_apply_when_flags_are_absent(pair, tmp_path):
     o = cfg.optimizer
     assert (o.lr_schedule, o.weight_decay, o.grad_clip, o.min_lr, o.warmup_steps) == ("linear", 0.01, 1.0, 0.0, 2)
     assert (cfg.training.grad_accum, cfg.training.seed, cfg.training.bf16) == (1, 1234, False)
+    par = cfg.parallel           # Megatron's switches are off without their flags; timeout 10 minutes
+    assert (par.tp, par.pp, par.vpp, par.cp, par.cp_kind) == (1, 1, 1, 1, "ring")
+    assert not (par.sequence_parallel or par.zero1 or par.overlap_grad_reduce) and par.timeout_s == 600
 
 
 def test_load_takes_a_hf_directory_and_explains_mm_checkpoints(pair, tmp_path):
@@ -133,11 +137,107 @@ def test_model_json_that_disagrees_with_the_checkpoint_lists_each_field(pair, tm
     assert "text_decoder.untie_embeddings_and_output_weights: model.json True, checkpoint False" in text
 
 
-@pytest.mark.parametrize("flag", ["--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                                  "--context-parallel-size", "--micro-batch-size"])
-def test_parallel_sizes_and_micro_batch_above_one_are_rejected_by_flag(pair, tmp_path, flag):
-    with pytest.raises(ValueError, match=f"{flag} 2: "):
-        run_config_from_mindspeed(pair["model"], pair["data"], [*FLAGS, "--save", str(tmp_path), flag, "2"])
+@pytest.mark.parametrize("flag,field", [("--tensor-model-parallel-size", "tp"),
+                                        ("--pipeline-model-parallel-size", "pp"),
+                                        ("--context-parallel-size", "cp")])
+def test_parallel_sizes_above_one_map_to_the_layout(pair, tmp_path, monkeypatch, flag, field):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = run_config_from_mindspeed(pair["model"], pair["data"], [*FLAGS, "--save", str(tmp_path), flag, "2"])
+    assert getattr(cfg.parallel, field) == 2 and cfg.training.grad_accum == 4     # dp 1: GBS 4 / MBS 1
+
+
+def test_micro_batch_above_one_is_still_rejected_naming_the_fix(pair, tmp_path):
+    with pytest.raises(ValueError, match="--micro-batch-size 2: must be 1.*raise --seq-length"):
+        run_config_from_mindspeed(pair["model"], pair["data"],
+                                  [*FLAGS, "--save", str(tmp_path), "--micro-batch-size", "2"])
+
+
+def write_model_json(path: Path, vit_layers, llm_layers) -> Path:
+    """The fixture's model.json with other pipeline_num_layers."""
+    raw = model_json(Qwen2_5_VLConfig.preset("tiny"))
+    raw["image_encoder"]["vision_encoder"]["pipeline_num_layers"] = vit_layers
+    raw["text_decoder"]["pipeline_num_layers"] = llm_layers
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_the_7b_parallel_flags_and_nested_pipeline_num_layers_map_to_the_layout(pair, tmp_path, monkeypatch):
+    # the 7B recipe's split ([[32, 0]] ViT, [[12, 16]] decoder, mm-convert's nested form) in the tiny
+    # model's numbers, on tp 2 x pp 2 with 8 processes: dp 2
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    model = write_model_json(tmp_path / "model.json", [[2, 0]], [[1, 1]])
+    flags = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+             "--context-parallel-size", "1", "--context-parallel-algo", "ulysses_cp_algo",
+             "--use-distributed-optimizer", "--sequence-parallel", "--overlap-grad-reduce",
+             "--distributed-timeout-minutes", "20", "--global-batch-size", "48"]
+    lines = []
+    cfg = run_config_from_mindspeed(model, pair["data"], [*FLAGS, *flags, "--save", str(tmp_path / "run")],
+                                    log=lines.append)
+    par = cfg.parallel
+    assert (par.tp, par.pp, par.vpp, par.cp, par.cp_kind) == (2, 2, 1, 1, "ulysses")
+    assert (par.vit_pp_layers, par.llm_pp_layers) == ([2, 0], [1, 1])
+    assert par.sequence_parallel and par.zero1 and par.overlap_grad_reduce and par.timeout_s == 1200
+    assert cfg.training.grad_accum == 24                      # GBS 48 / (MBS 1 x dp 2)
+    assert not any("pipeline_num_layers" in line for line in lines)
+    assert apply_overrides(cfg, {}).parallel == par           # the written run_config.yaml loads as it is
+
+
+def test_nested_pipeline_num_layers_give_the_virtual_pipeline_size(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = write_model_json(tmp_path / "model.json", [[2, 0], [0, 0]], [[0, 1], [0, 1]])
+    base = [*FLAGS, "--save", str(tmp_path / "run"), "--pipeline-model-parallel-size", "2"]
+    for extra in ([], ["--virtual-pipeline-model-parallel-size", "2"]):
+        par = run_config_from_mindspeed(model, pair["data"], [*base, *extra]).parallel
+        assert (par.pp, par.vpp, par.vit_pp_layers, par.llm_pp_layers) == (2, 2, [2, 0, 0, 0], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="nested lists of \\[2\\] chunks, but "
+                                         "--virtual-pipeline-model-parallel-size is 3"):
+        run_config_from_mindspeed(model, pair["data"], [*base, "--virtual-pipeline-model-parallel-size", "3"])
+
+
+def test_pipeline_num_layers_that_do_not_add_up_to_the_model_raise_before_training(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = write_model_json(tmp_path / "model.json", [2, 0], [1, 2])
+    with pytest.raises(ValueError, match="MindSpeed parallel layout.*llm_pp_layers \\[1, 2\\] sums to 3, but "
+                                         "the model has 2"):
+        run_config_from_mindspeed(model, pair["data"], [*FLAGS, "--save", str(tmp_path / "run"),
+                                                        "--pipeline-model-parallel-size", "2"])
+
+
+@pytest.mark.parametrize("algo,kind", [("megatron_cp_algo", "ring"), ("ulysses_cp_algo", "ulysses")])
+def test_context_parallel_algo_maps_to_cp_kind(pair, tmp_path, monkeypatch, algo, kind):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = run_config_from_mindspeed(pair["model"], pair["data"], [*FLAGS, "--save", str(tmp_path),
+                                    "--context-parallel-size", "2", "--context-parallel-algo", algo])
+    assert (cfg.parallel.cp, cfg.parallel.cp_kind) == (2, kind)
+
+
+def test_unsupported_context_parallel_algo_raises_naming_the_choices_and_is_ignored_without_cp(
+        pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = [*FLAGS, "--save", str(tmp_path), "--context-parallel-algo", "hybrid_cp_algo"]
+    with pytest.raises(ValueError, match="--context-parallel-algo hybrid_cp_algo: mmfuse has megatron_cp_algo "
+                                         "\\(ring\\), ulysses_cp_algo \\(ulysses\\)"):
+        run_config_from_mindspeed(pair["model"], pair["data"], [*base, "--context-parallel-size", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    lines = []
+    run_config_from_mindspeed(pair["model"], pair["data"], base, log=lines.append)
+    assert any("--context-parallel-algo hybrid_cp_algo (no effect with --context-parallel-size 1)" in line
+               for line in lines)
+
+
+def test_global_batch_is_divided_by_the_data_parallel_size_of_world_size(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    base = [*FLAGS, "--save", str(tmp_path)]
+    cfg = run_config_from_mindspeed(pair["model"], pair["data"], [*base, "--global-batch-size", "8"])
+    assert cfg.training.grad_accum == 2                        # GBS 8 / (MBS 1 x dp 4)
+    tp2 = run_config_from_mindspeed(pair["model"], pair["data"], [*base, "--global-batch-size", "8",
+                                                                  "--tensor-model-parallel-size", "2"])
+    assert tp2.training.grad_accum == 4                        # dp 4 / tp 2 = 2
+    without = [a for a in base if a not in ("--global-batch-size", "4")]
+    assert run_config_from_mindspeed(pair["model"], pair["data"], without).training.grad_accum == 1
+    with pytest.raises(ValueError, match="--global-batch-size 6: must be a positive multiple of "
+                                         "--micro-batch-size 1 x data-parallel size 4 = 4 \\(DP = WORLD_SIZE 4"):
+        run_config_from_mindspeed(pair["model"], pair["data"], [*base, "--global-batch-size", "6"])
 
 
 # The 7B finetune script's flags (examples/qwen2.5vl/finetune_qwen2_5_vl_7b.sh) with PP 2 -> 1.
@@ -159,10 +259,13 @@ def test_the_7b_script_flags_map_and_the_no_effect_ones_are_reported_in_one_line
                                     log=lines.append)
     assert (cfg.training.grad_accum, cfg.training.max_steps, cfg.optimizer.warmup_steps) == (48, 10000, 1000)
     assert not cfg.checkpoint.load_optimizer and not cfg.checkpoint.save_rng
+    par = cfg.parallel
+    assert (par.cp_kind, par.zero1, par.timeout_s) == ("ulysses", True, 1200)
     flag_lines = [line for line in lines if line.startswith("MindSpeed flags ignored")]
     assert len(flag_lines) == 1
-    assert all(f in flag_lines[0] for f in ("--use-flash-attn", "--num-workers", "--ckpt-format", "--log-tps",
-                                             "--context-parallel-algo", "--use-distributed-optimizer"))
+    assert all(f in flag_lines[0] for f in ("--use-flash-attn", "--num-workers", "--ckpt-format", "--log-tps"))
+    assert not any(f in flag_lines[0] for f in ("--context-parallel-algo", "--use-distributed-optimizer",
+                                                "--distributed-timeout-minutes"))
     assert any("pipeline_num_layers" in line for line in lines)
 
 

@@ -1,7 +1,8 @@
 """A MindSpeed-MM launch (model.json + data.json + Megatron-style flags) as an mmfuse RunConfig, so
 `mmfuse train --mm-model model.json --mm-data data.json --lr ... --train-iters ...` trains what
-the MindSpeed-MM script would, single-process. Relative paths are taken from the working
-directory, as MindSpeed-MM reads them; the returned config holds absolute paths."""
+the MindSpeed-MM script would, in one process or under torchrun with its TP/PP/VPP/CP layout
+(data parallel takes the rest of WORLD_SIZE, as in Megatron). Relative paths are taken from the
+working directory, as MindSpeed-MM reads them; the returned config holds absolute paths."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ import torch
 
 from mmfuse.data.config import DataConfig
 from mmfuse.models.qwen2_5_vl.hf_adapter import read_config
+from mmfuse.parallel.layout import ParallelLayout
 from mmfuse.train.checkpoint import latest_checkpoint
 from mmfuse.train.config import (CheckpointSection, LoggingSection, ModelSection, RunConfig, TrainingSection,
-                                 weights_dir)
+                                 weights_dir, world_size)
 from mmfuse.train.mindspeed_flags import IGNORED_DEST, UNSUPPORTED, UNSUPPORTED_DEST, parse_megatron_flags
-from mmfuse.train.mindspeed_model import check_against_checkpoint, read_model_json
+from mmfuse.train.mindspeed_model import ModelJson, check_against_checkpoint, read_model_json
 from mmfuse.train.optim import OptimizerConfig
 from mmfuse.utils.typed_config import to_dict
 
 PARALLEL_FLAGS = {"tensor_model_parallel_size": "--tensor-model-parallel-size",
                   "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+                  "virtual_pipeline_model_parallel_size": "--virtual-pipeline-model-parallel-size",
                   "context_parallel_size": "--context-parallel-size"}
+# MindSpeed's --context-parallel-algo values that mmfuse has (hybrid_cp_algo, adaptive_cp_algo and
+# hybrid_adaptive_cp_algo it has not)
+CP_ALGOS = {"megatron_cp_algo": "ring", "ulysses_cp_algo": "ulysses"}
 
 
 def run_config_from_mindspeed(model_json: str | os.PathLike, data_json: str | os.PathLike,
@@ -43,12 +49,21 @@ def run_config_from_mindspeed(model_json: str | os.PathLike, data_json: str | os
     save = _required(ns, "save", "--save", "the run folder for checkpoints and metrics")
     save = str(Path(save).expanduser().resolve())
     pretrained, resume = _pretrained(_get(ns, "load"), data.model_name_or_path, save, log)
-    check_against_checkpoint(model_raw, read_config(weights_dir(pretrained)), where=str(model_json))
+    model_cfg = read_config(weights_dir(pretrained))
+    check_against_checkpoint(model_raw, model_cfg, where=str(model_json))
 
     seq_length = _required(ns, "seq_length", "--seq-length", "tokens per micro-batch (MindSpeed-MM's cutoff)")
     train_iters = _required(ns, "train_iters", "--train-iters", "the number of optimizer steps")
     bf16 = bool(_get(ns, "bf16"))
     ignored_keys = list(model.ignored) + list(data.ignored)
+    parallel = _parallel(ns, model, ignored_keys)
+    try:
+        # here, before DP divides the global batch; the checkpoint's config gives the layer counts
+        # that pipeline_num_layers must add up to
+        parallel.validate(world_size(), model_cfg)
+    except ValueError as e:
+        raise ValueError(f"MindSpeed parallel layout (the parallel-size flags and model.json's "
+                         f"pipeline_num_layers): {e}") from None
     if model.bf16_blocks and not bf16:
         ignored_keys.append(f"bf16/params_dtype of {model.bf16_blocks} (precision follows --bf16 for the "
                             f"whole model)")
@@ -56,8 +71,8 @@ def run_config_from_mindspeed(model_json: str | os.PathLike, data_json: str | os
         model=ModelSection(pretrained=pretrained, dtype="float32", freeze=model.freeze,
                            recompute_vision=model.recompute_vision, recompute_text=model.recompute_text),
         data=_data_section(data, seq_length),
-        training=TrainingSection(max_steps=train_iters, grad_accum=_grad_accum(ns), seq_length=seq_length,
-                                 seed=_get(ns, "seed", 1234), bf16=bf16,
+        training=TrainingSection(max_steps=train_iters, grad_accum=_grad_accum(ns, parallel),
+                                 seq_length=seq_length, seed=_get(ns, "seed", 1234), bf16=bf16,
                                  device="cuda" if torch.cuda.is_available() else "cpu"),
         optimizer=_optimizer(ns, train_iters),
         # Megatron never deletes checkpoints, hence keep_last 0 (keep all)
@@ -67,8 +82,12 @@ def run_config_from_mindspeed(model_json: str | os.PathLike, data_json: str | os
                                      load_optimizer=not _get(ns, "no_load_optim"),
                                      load_rng=not _get(ns, "no_load_rng")),
         logging=LoggingSection(log_interval=_get(ns, "log_interval", 100)),
+        parallel=parallel,
     )
-    ignored_flags = getattr(ns, IGNORED_DEST, None) or []
+    ignored_flags = list(getattr(ns, IGNORED_DEST, None) or [])
+    algo = _get(ns, "context_parallel_algo")
+    if algo is not None and algo not in CP_ALGOS:      # with cp > 1 _reject_unsupported has raised
+        ignored_flags.append(f"--context-parallel-algo {algo} (no effect with --context-parallel-size 1)")
     if ignored_flags:
         log(f"MindSpeed flags ignored (no effect on results in mmfuse): {', '.join(dict.fromkeys(ignored_flags))}")
     if ignored_keys:
@@ -106,10 +125,12 @@ def _reject_unsupported(ns: argparse.Namespace) -> None:
     problems = [f"{f}: {UNSUPPORTED[f][1]}" for f in dict.fromkeys(getattr(ns, UNSUPPORTED_DEST, None) or [])]
     for name, flag in PARALLEL_FLAGS.items():
         size = _get(ns, name, 1)
-        if size != 1:
-            problems.append(f"{flag} {size}: mmfuse trains in one process for now; use 1 (the global batch is "
-                            f"reached by gradient accumulation, and model.json's pipeline_num_layers is then "
-                            f"ignored, as MindSpeed-MM does without pipeline parallelism)")
+        if size < 1:
+            problems.append(f"{flag} {size}: must be >= 1")
+    algo = _get(ns, "context_parallel_algo")
+    if algo is not None and algo not in CP_ALGOS and _get(ns, "context_parallel_size", 1) > 1:
+        problems.append(f"--context-parallel-algo {algo}: mmfuse has "
+                        f"{', '.join(f'{a} ({k})' for a, k in CP_ALGOS.items())}; choose one of them")
     mbs = _get(ns, "micro_batch_size", 1)
     if mbs != 1:
         problems.append(f"--micro-batch-size {mbs}: must be 1; mmfuse packs each micro-batch with whole samples "
@@ -149,12 +170,55 @@ def _pretrained(load: str | None, model_name_or_path: str | None, save: str,
         f"names), or leave it out to use model_name_or_path")
 
 
-def _grad_accum(ns: argparse.Namespace) -> int:
+def _parallel(ns: argparse.Namespace, model: ModelJson, ignored_keys: list[str]) -> ParallelLayout:
+    """The layout of the parallel flags and model.json's pipeline_num_layers. Switches are off without
+    the flag, as in Megatron; without --context-parallel-algo CP is ring (MindSpeed's default differs
+    between its versions). Notes on model.json keys without effect go to `ignored_keys`."""
+    pp = _get(ns, "pipeline_model_parallel_size", 1)
+    vit, llm = model.vit_pp_layers, model.llm_pp_layers
+    if pp == 1:
+        # MindSpeed-MM reads pipeline_num_layers only with pipeline parallelism
+        ignored_keys += [f"{name}.pipeline_num_layers (read only with pipeline parallelism)"
+                         for name, v in (("image_encoder.vision_encoder", vit), ("text_decoder", llm))
+                         if v is not None]
+        vit = llm = None
+    minutes = _get(ns, "distributed_timeout_minutes", 10)   # Megatron's default
+    return ParallelLayout(
+        tp=_get(ns, "tensor_model_parallel_size", 1), pp=pp, vpp=_vpp(ns, vit, llm),
+        cp=_get(ns, "context_parallel_size", 1),
+        cp_kind=CP_ALGOS.get(_get(ns, "context_parallel_algo"), "ring"),
+        sequence_parallel=bool(_get(ns, "sequence_parallel")),
+        vit_pp_layers=_flat(vit), llm_pp_layers=_flat(llm), zero1=bool(_get(ns, "use_distributed_optimizer")),
+        overlap_grad_reduce=bool(_get(ns, "overlap_grad_reduce")), timeout_s=60.0 * minutes)
+
+
+def _vpp(ns: argparse.Namespace, *lists: list | None) -> int:
+    """--virtual-pipeline-model-parallel-size, else the chunk count of nested pipeline_num_layers."""
+    chunks = {len(v) for v in lists if v and isinstance(v[0], list)}
+    flag = _get(ns, "virtual_pipeline_model_parallel_size")
+    if len(chunks) > 1 or (flag is not None and chunks and chunks != {flag}):
+        raise ValueError(f"model.json pipeline_num_layers: nested lists of {sorted(chunks)} chunks, but "
+                         f"--virtual-pipeline-model-parallel-size is {flag if flag is not None else 'not given'}; "
+                         f"give one list per chunk in both vision_encoder and text_decoder, as many as the flag")
+    return flag if flag is not None else (chunks.pop() if chunks else 1)
+
+
+def _flat(layers: list | None) -> list[int]:
+    """Nested [chunk][stage] counts in virtual-stage order (chunk·pp + stage), the run config's form."""
+    return [n for x in layers or [] for n in (x if isinstance(x, list) else [x])]
+
+
+def _grad_accum(ns: argparse.Namespace, layout: ParallelLayout) -> int:
+    """Micro-batches per step on each data-parallel rank: GBS / (MBS · DP), Megatron's rule."""
     mbs = _get(ns, "micro_batch_size", 1)
-    gbs = _get(ns, "global_batch_size", mbs)    # Megatron's default: one micro-batch per data-parallel rank
-    if gbs < 1 or gbs % mbs:
-        raise ValueError(f"--global-batch-size {gbs}: must be a positive multiple of --micro-batch-size {mbs}")
-    return gbs // mbs                           # one process: data-parallel size 1
+    world = world_size()
+    dp = layout.dp(world)
+    gbs = _get(ns, "global_batch_size", mbs * dp)    # Megatron's default: one micro-batch per data-parallel rank
+    if gbs < 1 or gbs % (mbs * dp):
+        raise ValueError(f"--global-batch-size {gbs}: must be a positive multiple of --micro-batch-size {mbs} x "
+                         f"data-parallel size {dp} = {mbs * dp} (DP = WORLD_SIZE {world} / (TP {layout.tp} x "
+                         f"PP {layout.pp} x CP {layout.cp})); choose a multiple of {mbs * dp} or change the layout")
+    return gbs // (mbs * dp)
 
 
 def _optimizer(ns: argparse.Namespace, train_iters: int) -> OptimizerConfig:

@@ -26,7 +26,8 @@ SUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("--seed", int, "RNG seed (training.seed; Megatron default 1234)"),
     ("--seq-length", int, "tokens per packed micro-batch and per-sample cutoff (training.seq_length)"),
     ("--micro-batch-size", int, "must be 1: micro-batches are packed by tokens up to --seq-length"),
-    ("--global-batch-size", int, "micro-batches per step x micro-batch size (training.grad_accum = GBS / MBS)"),
+    ("--global-batch-size", int, "micro-batches per step over all data-parallel ranks (training.grad_accum = "
+                                 "GBS / (MBS x DP), DP = WORLD_SIZE / (TP x PP x CP))"),
     ("--save", str, "run folder (checkpoint.save_dir)"),
     ("--save-interval", int, "checkpoint every N steps (checkpoint.save_interval)"),
     ("--load", str, "Hugging Face model directory to start from (model.pretrained), or the --save folder to resume"),
@@ -36,9 +37,20 @@ SUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("--no-save-rng", "switch", "do not store RNG states (checkpoint.save_rng: false)"),
     ("--log-interval", int, "print a metrics line every N steps (logging.log_interval; Megatron default 100)"),
     ("--bf16", "switch", "bf16 autocast with float32 parameters (training.bf16)"),
-    ("--tensor-model-parallel-size", int, "must be 1 for now"),
-    ("--pipeline-model-parallel-size", int, "must be 1 for now"),
-    ("--context-parallel-size", int, "must be 1 for now"),
+    ("--tensor-model-parallel-size", int, "tensor parallel size (parallel.tp; default 1)"),
+    ("--pipeline-model-parallel-size", int, "pipeline stages (parallel.pp; default 1); with > 1 model.json's "
+                                            "pipeline_num_layers give the split"),
+    ("--virtual-pipeline-model-parallel-size", int, "model chunks per pipeline rank, interleaved 1F1B (parallel.vpp; "
+                                                    "default: the outer length of nested pipeline_num_layers, else 1)"),
+    ("--context-parallel-size", int, "context parallel size (parallel.cp; default 1)"),
+    ("--context-parallel-algo", str, "megatron_cp_algo | ulysses_cp_algo (parallel.cp_kind ring | ulysses; "
+                                     "default ring)"),
+    ("--sequence-parallel", "switch", "with TP > 1, norms and residuals hold T/TP tokens per rank "
+                                      "(parallel.sequence_parallel; off without the flag, as in Megatron)"),
+    ("--use-distributed-optimizer", "switch", "shard optimizer state over data-parallel ranks (parallel.zero1)"),
+    ("--overlap-grad-reduce", "switch", "reduce gradient buckets during backward (parallel.overlap_grad_reduce; "
+                                        "off without the flag, as in Megatron)"),
+    ("--distributed-timeout-minutes", int, "collective timeout (parallel.timeout_s = 60 x M; Megatron default 10)"),
 )
 
 # Flags with no effect on results here, grouped by why. Switches take no value, the rest one.
@@ -52,18 +64,17 @@ IGNORED_SWITCHES = (
     "--group-query-attention", "--attention-softmax-in-fp32", "--use-rotary-position-embeddings",
     # packing already handles variable lengths; logging of tokens/s is always on
     "--variable-seq-lengths", "--log-tps", "--log-throughput",
-    # only matter with several ranks or for initialisation before loading weights
-    "--use-distributed-optimizer", "--sequence-parallel", "--overlap-grad-reduce", "--overlap-param-gather",
-    "--use-cpu-initialization", "--init-model-with-meta-device", "--no-initialization",
+    # speed only (mmfuse gathers ZeRO-1 weights after the step), or initialisation before loading weights
+    "--overlap-param-gather", "--use-cpu-initialization", "--init-model-with-meta-device", "--no-initialization",
     # --load is a weights-only Hugging Face directory, so there is no optimizer or step to skip
     "--finetune",
 )
 IGNORED_WITH_VALUE = (
-    "--num-workers", "--ckpt-format", "--distributed-backend", "--distributed-timeout-minutes", "--mm-tool",
+    "--num-workers", "--ckpt-format", "--distributed-backend", "--mm-tool",
     "--tokenizer-type", "--tokenizer-name-or-path", "--vocab-size", "--make-vocab-size-divisible-by",
     "--normalization", "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
     "--num-query-groups", "--max-position-embeddings", "--position-embedding-type", "--rotary-base",
-    "--init-method-std", "--attention-dropout", "--hidden-dropout", "--context-parallel-algo",
+    "--init-method-std", "--attention-dropout", "--hidden-dropout",
     "--eval-interval", "--eval-iters", "--tensorboard-dir",
 )
 
@@ -74,6 +85,10 @@ UNSUPPORTED = {
     "--train-samples": (True, "the run length is counted in steps; use --train-iters"),
     "--lr-warmup-samples": (True, "warmup is counted in steps; use --lr-warmup-iters or --lr-warmup-fraction"),
     "--lr-decay-samples": (True, "the decay always ends at --train-iters; drop the flag"),
+    "--num-layers-per-virtual-pipeline-stage": (
+        True, "the layers of each virtual stage come from model.json; give --virtual-pipeline-model-parallel-size "
+              "and nested pipeline_num_layers (outer = chunk, inner = stage) in image_encoder.vision_encoder and "
+              "text_decoder"),
 }
 
 # Flags the YAML mode of `mmfuse train` already has under the same name and meaning.

@@ -1,7 +1,7 @@
 """A MindSpeed-MM Qwen2.5-VL `model.json`, read for what it means to an mmfuse run: its shapes are
 checked against the checkpoint's config.json (MindSpeed-MM trusts model.json and fails later, or
-trains a different model), its `freeze` flags become freeze groups and its per-block
-`recompute_*` keys become recompute policies."""
+trains a different model), its `freeze` flags become freeze groups, its per-block
+`recompute_*` keys become recompute policies and its `pipeline_num_layers` the pipeline split."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class ModelJson:
     recompute_vision: RecomputeConfig | None = None
     recompute_text: RecomputeConfig | None = None
     bf16_blocks: list[str] = field(default_factory=list)  # blocks whose bf16/params_dtype ask for bf16
+    vit_pp_layers: list | None = None  # vision_encoder.pipeline_num_layers: per stage, or nested [chunk][stage]
+    llm_pp_layers: list | None = None  # text_decoder.pipeline_num_layers, same form
     ignored: list[str] = field(default_factory=list)      # keys read by MindSpeed-MM with no effect here
 
 
@@ -129,8 +131,30 @@ def read_model_json(model_json: dict[str, Any], where: str = "model.json") -> Mo
             raise ValueError(f"{where}.{name}.fp16: fp16 is not supported (no loss scaling); use bf16")
         if block.get("bf16") or str(block.get("params_dtype", "")).lower() in ("bf16", "bfloat16"):
             out.bf16_blocks.append(name)
-        if block.get("pipeline_num_layers") is not None:
-            out.ignored.append(f"{name}.pipeline_num_layers (read only with pipeline parallelism)")
+    out.vit_pp_layers = _pp_layers(ve, f"{where}.image_encoder.vision_encoder")
+    out.llm_pp_layers = _pp_layers(td, f"{where}.text_decoder")
     if model_json.get("patch") and any((model_json["patch"] or {}).values()):
         out.ignored.append("patch (MindSpeed-MM function replacements)")
     return out
+
+
+def _pp_layers(block: dict[str, Any], where: str) -> list | None:
+    """pipeline_num_layers as written: a list of layer counts per stage, or MindSpeed-MM's VPP form,
+    one equally long list per model chunk. Sums and lengths are checked against the model and the
+    layout later (ParallelLayout.stage_layers)."""
+    value = block.get("pipeline_num_layers")
+    if value is None:
+        return None
+    form = (f"{where}.pipeline_num_layers: expected layer counts per stage ([12, 16]) or one list per "
+            f"virtual-pipeline chunk ([[6, 8], [6, 8]]), got {value!r}")
+    if not isinstance(value, list) or not value:
+        raise ValueError(form)
+    if all(isinstance(x, list) for x in value):
+        if len({len(x) for x in value}) != 1:
+            raise ValueError(f"{form}; every chunk needs one entry per pipeline stage")
+        counts = [n for x in value for n in x]
+    else:
+        counts = value
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(form)
+    return value
