@@ -18,12 +18,12 @@ hidden = 1 - finish(overlap) / finish(no overlap): the share of the communicatio
 took off the critical path. The two modes alternate in rounds so a change of machine load hits
 both. Load averages before and after are recorded.
 
-With --trace DIR, one more step per mode (--trace-steps for more) (after the last round's timed steps, not in the medians) runs
-under torch.profiler on both ranks, with record_function ranges forward / backward / finish; the
-Chrome traces go to DIR/dp-SIZE-MODE-rankR.json and comm_trace.py measures from them the time with a
-gloo collective in flight (comm), the part of it the main thread waited for (exposed) and
-hidden = 1 - exposed / comm. Unlike the timing above this also sees how much of the reduction the
-no-overlap mode hides by itself (bucket i all-reduces while bucket i+1 is copied).
+With --trace DIR, one more step per mode (after the last round's timed steps, not in the medians;
+--trace-steps for more) runs under torch.profiler on both ranks, with record_function ranges
+forward / backward / finish; the Chrome traces go to DIR/dp-SIZE-MODE-rankR.json and comm_trace.py
+measures from them the time with a gloo collective in flight (comm), the part of it the main thread
+waited for (exposed) and hidden = 1 - exposed / comm. Unlike the timing above this also sees how much
+of the reduction the no-overlap mode hides by itself (bucket i all-reduces while bucket i+1 is copied).
 
 On a CPU box the ranks' compute threads and gloo's communication threads share the cores, so hidden
 communication is not free: it slows backward, and the step can gain less than the hidden share
@@ -174,8 +174,9 @@ def main() -> None:
                   f"{m['backward_ms']:9.1f} {m['finish_ms']:9.1f}")
         print(f"{size:6} communication hidden {100 * s['hidden_share']:.0f}%, step speedup {s['step_speedup']:.2f}x")
     if args.trace:
-        print_table({size: s["trace"] for size, s in sizes.items()}, "profiled step (one per mode and rank): gloo collective in flight = comm, "
-                            "main thread waiting for it = exposed")
+        print_table({size: s["trace"] for size, s in sizes.items()},
+                    "profiled step (one per mode and rank): gloo collective in flight = comm, "
+                    "main thread waiting for it = exposed")
     print(f"wrote {path}")
 
 
