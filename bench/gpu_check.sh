@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
 # build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
-# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile.
+# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, and the Triton attention's
+# TFLOP/s against PyTorch SDPA (default, flash and cuDNN backends).
 #
-#   bash bench/gpu_check.sh      # results: $OUT/gpu-<card>-<date>.json, else bench/results/
+#   bash bench/gpu_check.sh      # results: $OUT/gpu-{,attention-}<card>-<date>.json, else bench/results/
 #
-# Each step runs under its own time limit (110 + 150 + 90 s: the whole check stays under 6
-# minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
+# Each step runs under its own time limit (90 + 150 + 50 + 60 s = 350 s: the whole check stays
+# under 6 minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
 # the first failed step. PYTHON picks the interpreter (default: python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,19 +47,26 @@ except ImportError:
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
 
-step "build (pip install --no-build-isolation --no-deps .)" 110 \
+step "build (pip install --no-build-isolation --no-deps .)" 90 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
 
 # The tests import the installed mmfuse (no PYTHONPATH=python); `-k triton` selects the Triton
 # cases, which run on CUDA tensors here, every shape of the CPU suite included. Most of the time
-# goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns).
+# goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns;
+# the attention kernels are larger, so test_attention.py comes last: a time limit then cuts it,
+# not the others, and pytest still prints what passed).
 step "op tests on cuda (Triton backend)" 150 \
   "$PY" -m pytest -q -p no:cacheprovider -k triton \
   tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py \
-  tests/ops/test_backend.py
+  tests/ops/test_backend.py tests/ops/test_attention.py
 
-step "bandwidth benchmark" 90 \
-  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 60
+step "bandwidth benchmark" 50 \
+  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 35
+
+# B=2 x S=8192, H=16, D=128 bf16, causal and not, fwd and fwd+bwd: ~20 s of kernel compilation,
+# ~16 timings of ~0.5 s; cases past the budget are recorded as skipped.
+step "attention benchmark (TFLOP/s vs SDPA)" 60 \
+  "$PY" bench/gpu_attention.py --out-dir "$RESULTS" --budget-s 40
 
 printf '\n== done in %ss, status %s; results in %s\n' "$SECONDS" "$status" "$RESULTS"
 exit "$status"
