@@ -76,10 +76,11 @@ def main(arch: int = 90) -> int:
                   ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "CU_Q", "CU_K"),
                   at_ints + at_strides + ("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt",
                                           "stride_dvh", "stride_lh"), ("qk_scale", "scale"))
-    at_dq = att(attention._attention_bwd_dq_kernel, bf16, ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K"),
-                at_ints + at_strides + ("stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "stride_lh"),
-                ("qk_scale", "scale"))
-    # The CUDA launch configurations of `attention._blocks` / `backward` at D = 128, and D = 256.
+    at_dq = {dt: att(attention._attention_bwd_dq_kernel, dt,
+                     ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K"),
+                     at_ints + at_strides + ("stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "stride_lh"),
+                     ("qk_scale", "scale")) for dt in (bf16, f32)}
+    # Launch configurations of `attention._blocks` on CUDA (bf16 at D = 128; fp32 at D = 128 and 256).
     causal = dict(HAS_LEFT=False, HAS_RIGHT=True)
     cases = [
         ("rms_norm fwd (add, whole rows)", rms_norm._rms_norm_fwd_kernel, rn_fwd,
@@ -106,8 +107,11 @@ def main(arch: int = 90) -> int:
          dict(HAS_DLSE=True, BLOCK_T=64, BLOCK_D=128), 4),
         ("attention bwd dK/dV (bf16, causal)", attention._attention_bwd_dkdv_kernel, at_dkdv,
          dict(**causal, PRECISION="tf32", SPLIT_DS=True, BLOCK_M=32, BLOCK_N=128, BLOCK_D=128), (8, 2)),
-        ("attention bwd dQ (bf16, causal)", attention._attention_bwd_dq_kernel, at_dq,
+        ("attention bwd dQ (bf16, causal)", attention._attention_bwd_dq_kernel, at_dq[bf16],
          dict(**causal, PRECISION="tf32", SPLIT_DS=True, BLOCK_M=128, BLOCK_N=32, BLOCK_D=128), (8, 2)),
+        ("attention bwd dQ (fp32)", attention._attention_bwd_dq_kernel, at_dq[f32],
+         dict(HAS_LEFT=False, HAS_RIGHT=False, PRECISION="ieee", SPLIT_DS=False, BLOCK_M=64, BLOCK_N=64,
+              BLOCK_D=128), (8, 2)),
     ]
     failed = 0
     for name, fn, types, consts, launch in cases:
@@ -124,7 +128,8 @@ def main(arch: int = 90) -> int:
             failed += mma == 0
             extra = f"  tensor-core MMAs: {mma}{' (NONE)' if mma == 0 else ''}"
         if smem > 1024:
-            extra += f"  shared memory: {smem // 1024} KiB{' (OVER THE LIMIT)' if smem > _SMEM_LIMIT.get(arch, 0) else ''}"
+            over = " (OVER THE LIMIT)" if smem > _SMEM_LIMIT.get(arch, 0) else ""
+            extra += f"  shared memory: {smem // 1024} KiB{over}"
         print(f"{name:<36} ok  vector loads: {vector}{'  (NONE: scalar loads only)' if vector == 0 else ''}{extra}")
     ptx = _compile(mrope._sincos_kernel, dict(X=f32, COS=f32, SIN=f32, n=i32), dict(BLOCK=1024), target).asm["ptx"]
     approx = len(re.findall(r"(?:sin|cos)\.approx", ptx))

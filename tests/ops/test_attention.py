@@ -63,7 +63,8 @@ def _no_long(*case):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("length,d,backend", with_backends([(n, d) for n in (1, 7, 33, 64, 129) for d in (64, 80, 128)]))
+@pytest.mark.parametrize("length,d,backend",
+                         with_backends([(n, d) for n in (1, 7, 33, 64, 129) for d in (64, 80, 128)]))
 def test_single_sequence_matches_fp64_reference(length, d, causal, device):
     _check([length], [length], 2, 1, d, causal=causal, device=device)
 

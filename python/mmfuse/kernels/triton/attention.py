@@ -21,8 +21,10 @@ FlashAttention does, but dS is split into two values of the input dtype, hi = ro
 lo = round(dS - hi), each multiplied (two MMAs for dS·K and dSᵀ·Q: 9 per tile pair in the backward
 instead of 7). Measured in the interpreter (bf16/fp16, 36 seeded cases of the precision test):
 rounding dS once gives dq and dk errors up to 2.2x those of the eager computation against float64,
-outside DESIGN.md's 2x rule; the split brings the worst to 1.8x (out 1.5x, dv 1.5x with P rounded). Grids are (tiles, sequences, heads), each axis at
-most 65535 programs (programs loop over the tiles and sequences past that). The head dim is padded
+outside DESIGN.md's 2x rule; the split brings the worst to 1.8x (out 1.5x, dv 1.5x with P rounded).
+
+Grids are (tiles, sequences, heads), each axis at most 65535 programs (programs loop over the tiles
+and sequences past that). The head dim is padded
 to a power of two (at least 16, tl.dot's minimum) with masked loads, so any D <= 256 works.
 
 Shape legend: T tokens (packed), Hq / Hk query / kv heads, D head dim; lq / lk one sequence's query /
@@ -296,19 +298,24 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, n_seqs, D,
 
 # ---- host launchers ----------------------------------------------------------------------------
 
-def _blocks(D: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the forward and dQ kernels (the dK/dV
-    kernel uses the same tile with M and N swapped roles, see `backward`).
+def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): M rows of the resident tile (queries in the
+    forward and dQ kernels; the dK/dV kernel holds BLOCK_M keys and steps BLOCK_N queries at a time).
 
     Per-program tiles stay within MAX_TILE (8192) elements (64 x 128 at D <= 128, 32 x 256 at D = 256):
-    the portable bound (an Ascend AI core's unified buffer, see _common). On CUDA the forward's query
-    tile is 128 rows at D <= 128 (the Triton tutorial's H100 tile; 128 x 128 fp32 accumulator over
-    8 warps = 64 registers a thread). Not tuned on a GPU yet.
+    the portable bound (an Ascend AI core's unified buffer, see _common). On CUDA with bf16/fp16 the
+    resident tile is 128 rows at D <= 128 (the Triton tutorial's H100 tiles: forward 128 x 64,
+    backward 128 x 32; a 128 x 128 fp32 accumulator over 8 warps is 64 registers a thread). fp32
+    inputs keep the portable tiles: the larger ones need up to 224 KiB of shared memory (sm_90 has
+    227, sm_80 163; compiled sizes, tests/ops/compile_triton.py). Not tuned on a GPU yet.
     """
     block_d = max(16, next_pow2(D))
+    if device.type == "cuda" and dtype != torch.float32:
+        if backward:
+            return (128, 32, block_d, 8, 2) if block_d <= 128 else (64, 32, block_d, 8, 1)
+        if block_d <= 128:
+            return 128, 64, block_d, 8, 3
     side = max(16, min(64, MAX_TILE // block_d))
-    if device.type == "cuda" and block_d <= 128:
-        return 128, 64, block_d, 8, 3
     return side, side, block_d, 4 if block_d <= 64 else 8, 2
 
 
@@ -357,7 +364,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     n_seqs = cu_q.shape[0] - 1
     max_q = _max_len(cu_q, max_seqlen_q)
     left, right, has_left, has_right = _mask_args(causal, window_left, window_right)
-    block_m, block_n, block_d, warps, stages = _blocks(D, q.device)
+    block_m, block_n, block_d, warps, stages = _blocks(D, q.dtype, q.device, backward=False)
     launch = (grid(triton.cdiv(max_q, block_m)), grid(n_seqs), hq)
     _attention_fwd_kernel[launch](
         q, k, v, out, lse, cu_q, cu_k, n_seqs, D, hq // hk, softmax_scale * _LOG2E, left, right,
@@ -389,9 +396,7 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: 
     n_seqs = cu_q.shape[0] - 1
     max_q, max_k = _max_len(cu_q, max_seqlen_q), _max_len(cu_k, max_seqlen_k)
     left, right, has_left, has_right = _mask_args(causal, window_left, window_right)
-    block_m, block_n, block_d, warps, stages = _blocks(D, q.device)
-    if q.device.type == "cuda":  # dQ: many query rows, few keys at a time; dK/dV the transpose
-        block_m, block_n, warps, stages = (128, 32, 8, 2) if block_d <= 128 else (64, 32, 8, 1)
+    block_m, block_n, block_d, warps, stages = _blocks(D, q.dtype, q.device, backward=True)
 
     delta = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     block_t = max(16, min(128, MAX_TILE // block_d))
@@ -404,7 +409,7 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: 
                   SPLIT_DS=q.dtype != torch.float32, BLOCK_D=block_d,
                   num_warps=warps, num_stages=stages)
     group = hq // hk
-    # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step (the roles of the dQ tile swapped).
+    # dK/dV: block_m keys per program (its BLOCK_N), block_n queries per step (its BLOCK_M).
     _attention_bwd_dkdv_kernel[(grid(triton.cdiv(max_k, block_m)), grid(n_seqs), hk)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, n_seqs, D, group, softmax_scale * _LOG2E,
         softmax_scale, left, right, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
