@@ -43,7 +43,6 @@ import triton.language as tl
 from mmfuse.kernels.triton._common import MAX_TILE, dot, grid, next_pow2, to_dtype
 
 _LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -99,7 +98,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, n_seqs, D, GROUP, qk_scal
                           stride_ot, stride_oh, stride_lh,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    hq = tl.program_id(2)
+    hq = tl.program_id(2).to(tl.int64)
     hk = hq // GROUP
     dt = V.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
@@ -110,12 +109,15 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, n_seqs, D, GROUP, qk_scal
         k_start = tl.load(CU_K + seq)
         lk = tl.load(CU_K + seq + 1) - k_start
         off = lk - lq
-        for m_tile in range(tl.program_id(0), tl.cdiv(lq, BLOCK_M), tl.num_programs(0)):
-            m0 = m_tile * BLOCK_M
+        n_m_tiles = tl.cdiv(lq, BLOCK_M)
+        for it in range(tl.program_id(0), n_m_tiles, tl.num_programs(0)):
+            # Last tiles first: under a causal mask they see the most keys, so the long programs
+            # start first and the short ones fill the tail (as FlashAttention-2 orders its blocks).
+            m0 = (n_m_tiles - 1 - it) * BLOCK_M
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < lq
             rows_q = (q_start + offs_m).to(tl.int64)
-            q = tl.load(Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :],
+            q = tl.load(Q + rows_q[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -127,9 +129,9 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, n_seqs, D, GROUP, qk_scal
                 n_mask = offs_n < lk
                 rows_k = (k_start + offs_n).to(tl.int64)
                 kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(K + rows_k[:, None] * stride_kt + hk.to(tl.int64) * stride_kh + offs_d[None, :],
+                k = tl.load(K + rows_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
                             mask=kv_mask, other=0.0)
-                v = tl.load(V + rows_k[:, None] * stride_vt + hk.to(tl.int64) * stride_vh + offs_d[None, :],
+                v = tl.load(V + rows_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
                             mask=kv_mask, other=0.0)
                 s = dot(q, tl.trans(k), PRECISION) * qk_scale          # log2 units
                 vis = n_mask[None, :] & _visible(offs_m[:, None], offs_n[None, :], off, left, right,
@@ -148,9 +150,9 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, n_seqs, D, GROUP, qk_scal
             l_safe = tl.where(seen, l_i, 1.0)
             out = acc / l_safe[:, None]
             lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            tl.store(O + rows_q[:, None] * stride_ot + hq.to(tl.int64) * stride_oh + offs_d[None, :],
+            tl.store(O + rows_q[:, None] * stride_ot + hq * stride_oh + offs_d[None, :],
                      to_dtype(out, O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-            tl.store(LSE + hq.to(tl.int64) * stride_lh + rows_q, lse, mask=m_mask)
+            tl.store(LSE + hq * stride_lh + rows_q, lse, mask=m_mask)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -191,7 +193,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, n_se
                                BLOCK_D: tl.constexpr):
     """dK, dV of one key tile and kv head, summed over the GROUP query heads that share the kv head.
     Works on transposed tiles ([keys, queries]) so no [M, N] result needs transposing."""
-    hk = tl.program_id(2)
+    hk = tl.program_id(2).to(tl.int64)
     dt = K.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -207,16 +209,16 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, n_se
             n_mask = offs_n < lk
             rows_k = (k_start + offs_n).to(tl.int64)
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + rows_k[:, None] * stride_kt + hk.to(tl.int64) * stride_kh + offs_d[None, :],
+            k = tl.load(K + rows_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
                         mask=kv_mask, other=0.0)
-            v = tl.load(V + rows_k[:, None] * stride_vt + hk.to(tl.int64) * stride_vh + offs_d[None, :],
+            v = tl.load(V + rows_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
                         mask=kv_mask, other=0.0)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             lo, hi = _query_range(n0, tl.minimum(n0 + BLOCK_N, lk) - 1, lq, off, left, right,
                                   HAS_LEFT, HAS_RIGHT, BLOCK_M)
             for g in range(0, GROUP):
-                hq = (hk * GROUP + g).to(tl.int64)
+                hq = hk * GROUP + g
                 for m0 in range(lo, hi, BLOCK_M):
                     offs_m = m0 + tl.arange(0, BLOCK_M)
                     m_mask = offs_m < lq
@@ -236,9 +238,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, n_se
                     dp_T = dot(v, tl.trans(do), PRECISION)
                     ds_T = p_T * (dp_T - delta[None, :])
                     dk += _dot_rounded(ds_T, q, dt, SPLIT_DS, PRECISION)
-            tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :],
+            tl.store(DK + rows_k[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
                      to_dtype(dk * scale, DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + rows_k[:, None] * stride_dvt + hk.to(tl.int64) * stride_dvh + offs_d[None, :],
+            tl.store(DV + rows_k[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
                      to_dtype(dv, DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -262,8 +264,9 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, n_seqs, D,
         k_start = tl.load(CU_K + seq)
         lk = tl.load(CU_K + seq + 1) - k_start
         off = lk - lq
-        for m_tile in range(tl.program_id(0), tl.cdiv(lq, BLOCK_M), tl.num_programs(0)):
-            m0 = m_tile * BLOCK_M
+        n_m_tiles = tl.cdiv(lq, BLOCK_M)
+        for it in range(tl.program_id(0), n_m_tiles, tl.num_programs(0)):
+            m0 = (n_m_tiles - 1 - it) * BLOCK_M  # last tiles first, as in the forward
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < lq
             rows_q = (q_start + offs_m).to(tl.int64)
