@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
 # build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
-# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile.
+# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, and the Triton attention's
+# TFLOP/s against PyTorch SDPA (default, flash and cuDNN backends).
 #
-#   bash bench/gpu_check.sh      # results: $OUT/gpu-<card>-<date>.json, else bench/results/
+#   bash bench/gpu_check.sh      # results: $OUT/gpu-{,attention-}<card>-<date>.json, else bench/results/
 #
-# Each step runs under its own time limit (110 + 150 + 90 s: the whole check stays under 6
-# minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
+# Each step runs under its own time limit (100 + 150 + 50 + 50 s = 350 s: the whole check stays
+# under 6 minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
 # the first failed step. PYTHON picks the interpreter (default: python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,38 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under a time limit, remember the f
   fi
 }
 
+# pytest_groups NAME LIMIT_S K1 FILES1 [K2 FILES2 ...]: one `pytest -k Ki FILESi` process per group, all
+# at once, each under the time limit (SIGINT, then KILL 10 s later, as in `step`). Most of a Triton
+# test run is kernel compilation, one kernel at a time per process, so groups use the host's cores;
+# Triton's on-disk cache is safe to share between processes. Logs are printed in group order.
+pytest_groups() {
+  local name=$1 limit=$2 rc=0 r p i=0 dir pids=()
+  shift 2
+  dir=$(mktemp -d)
+  printf '\n== %s (limit %ss, %ss elapsed, %s pytest processes)\n' "$name" "$limit" "$SECONDS" $(($# / 2))
+  while [ "$#" -ge 2 ]; do
+    # shellcheck disable=SC2086  # $2 is a list of test files (no spaces in their paths)
+    timeout --signal=INT --kill-after=10 "$limit" \
+      "$PY" -m pytest -q -p no:cacheprovider -k "$1" $2 >"$dir/$i.log" 2>&1 &
+    pids+=("$!")
+    i=$((i + 1))
+    shift 2
+  done
+  i=0
+  for p in "${pids[@]}"; do
+    r=0
+    wait "$p" || r=$?
+    echo "-- group $i"
+    cat "$dir/$i.log"
+    if [ "$r" -eq 124 ]; then echo "!! $name, group $i: time limit of ${limit}s reached"
+    elif [ "$r" -ne 0 ]; then echo "!! $name, group $i: exit $r"; fi
+    if [ "$rc" -eq 0 ]; then rc=$r; fi
+    i=$((i + 1))
+  done
+  rm -rf "$dir"
+  if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+
 printf '== versions (commit %s)\n' "$MMFUSE_COMMIT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
 "$PY" - <<'EOF'
@@ -46,19 +79,30 @@ except ImportError:
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
 
-step "build (pip install --no-build-isolation --no-deps .)" 110 \
+step "build (pip install --no-build-isolation --no-deps .)" 100 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
 
 # The tests import the installed mmfuse (no PYTHONPATH=python); `-k triton` selects the Triton
 # cases, which run on CUDA tensors here, every shape of the CPU suite included. Most of the time
-# goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns).
-step "op tests on cuda (Triton backend)" 150 \
-  "$PY" -m pytest -q -p no:cacheprovider -k triton \
-  tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py \
-  tests/ops/test_backend.py
+# goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns),
+# so the tests run as four pytest processes at once: the other ops, and test_attention.py in three
+# parts (its ~110 kernel variants, counted from the cases, take ~0.5-1 s each to compile).
+attn=tests/ops/test_attention.py
+parts="single_sequence or window or gqa or unequal"
+pytest_groups "op tests on cuda (Triton backend)" 150 \
+  triton "tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py
+          tests/ops/test_backend.py" \
+  "triton and single_sequence" "$attn" \
+  "triton and (window or gqa or unequal)" "$attn" \
+  "triton and not ($parts)" "$attn"
 
-step "bandwidth benchmark" 90 \
-  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 60
+step "bandwidth benchmark" 50 \
+  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 35
+
+# B=2 x S=8192, H=16, D=128 bf16, causal and not, fwd and fwd+bwd: ~10 s of kernel compilation
+# (8 variants), 16 timings of ~0.3 s; cases past the budget are recorded as skipped.
+step "attention benchmark (TFLOP/s vs SDPA)" 50 \
+  "$PY" bench/gpu_attention.py --out-dir "$RESULTS" --budget-s 30
 
 printf '\n== done in %ss, status %s; results in %s\n' "$SECONDS" "$status" "$RESULTS"
 exit "$status"

@@ -94,7 +94,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: 
     if cu_seqlens_q is not None:
         _check_values(cu_seqlens_q, q.shape[0], "cu_seqlens_q", max_seqlen_q)
         _check_values(cu_seqlens_k, k.shape[0], "cu_seqlens_k", max_seqlen_k)
-    if _backend.select("attention", q, k, v) != "cpp":
+    backend = _backend.select("attention", q, k, v)
+    if backend == "triton":
+        return _backend.triton_kernels("attention").forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale, window_left, window_right)
+    if backend != "cpp":
         return reference.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                                    _window(window_left, window_right))
     C = _core.require()
@@ -119,7 +123,12 @@ def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.
                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                         cu_seqlens_k: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
                         window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _backend.select("attention_backward", q, k, v) != "cpp":
+    backend = _backend.select("attention_backward", q, k, v)
+    if backend == "triton":
+        return _backend.triton_kernels("attention").backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q,
+                                                             cu_seqlens_k, causal, softmax_scale, window_left,
+                                                             window_right)
+    if backend != "cpp":
         return reference.attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal,
                                             softmax_scale, _window(window_left, window_right))
     C = _core.require()

@@ -1,11 +1,12 @@
-"""Triton kernels of the mmfuse ops, one module per op (`rms_norm`, `swiglu`, `rotary`, `mrope`),
-each with its `_<op>_fwd_kernel` / `_<op>_bwd_kernel` and the host launchers the op layer calls.
+"""Triton kernels of the mmfuse ops, one module per op (`rms_norm`, `swiglu`, `rotary`, `mrope`,
+`attention`), each with its `_<op>_fwd_kernel` / `_<op>_bwd_kernel` and the host launchers the op layer calls.
 
 Portability rules every kernel here follows (the Triton 3.2 language, which triton-ascend supports):
 no float64 inside a kernel (float64 ops run the reference instead, see `mmfuse.ops._backend`), no
 autotuning (block sizes come from a heuristic on the problem size), grids of at most 65535
 programs per axis (programs loop over row tiles instead), per-program tiles of at most 8192
-elements, reductions across programs through per-program partial results summed afterwards (no
+elements (one exception: attention's CUDA tiles of 128 rows x D <= 128, for tensor-core use),
+reductions across programs through per-program partial results summed afterwards (no
 atomics, so results are deterministic), and int64 address arithmetic wherever an offset can pass 2^31.
 
 Row and token counts change with every packed batch, so kernels do not specialize on them

@@ -80,3 +80,21 @@ def to_dtype(x, dtype: tl.constexpr):
             return x.to(dtype)
     else:
         return x.to(dtype)
+
+
+# Triton's interpreter (triton 3.9) multiplies the raw uint16 storage of bf16 operands in tl.dot
+# (`create_dot` hands numpy the bit patterns): garbage. Under the interpreter `dot` widens bf16
+# operands to fp32 first, which is exact, as are the products a GPU's bf16 MMA forms.
+_WIDEN_BF16_DOT = tl.constexpr(interpreted())
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot(a, b) accumulated in fp32 (PRECISION: "ieee" for exact fp32 products, "tf32" otherwise)."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
