@@ -127,11 +127,14 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     _check("cross_entropy", logits, labels, reduction)
     V = logits.shape[-1]
     check_label_values("cross_entropy", labels, V, ignore_index)
-    use_cpp = _backend.select("cross_entropy", logits, labels) == "cpp"
+    backend = _backend.select("cross_entropy", logits, labels)
     x = logits.reshape(-1, V)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
-    loss_rows, lse = rows_step(x, labels.reshape(-1), ignore_index, use_cpp=use_cpp, want_lse=True)
+    if backend == "triton":
+        loss_rows, lse = _backend.triton_kernels("cross_entropy").forward(x, labels.reshape(-1), ignore_index)
+    else:
+        loss_rows, lse = rows_step(x, labels.reshape(-1), ignore_index, use_cpp=backend == "cpp", want_lse=True)
     n_valid = valid_count(labels, ignore_index)
     return reduce_rows(loss_rows, n_valid, reduction, labels.shape, logits.dtype), lse.reshape(labels.shape)
 
@@ -147,17 +150,21 @@ def _(logits, labels, ignore_index, reduction):
 def _cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                             ignore_index: int, reduction: str) -> torch.Tensor:
     V = logits.shape[-1]
-    use_cpp = _backend.select("cross_entropy_backward", logits, labels) == "cpp"
-    if not use_cpp:
+    backend = _backend.select("cross_entropy_backward", logits, labels)
+    if backend == "reference":
         return reference.cross_entropy_backward(dloss, logits, labels, ignore_index, reduction)
     x = logits.reshape(-1, V)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
-    dx = _alloc.empty(x.shape, logits.dtype)
     if reduction == "none":
         scale, row_scale = 1.0, dloss.reshape(-1)
     else:
         scale, row_scale = grad_scale(dloss, valid_count(labels, ignore_index), reduction), None
+    if backend == "triton":
+        dx = _backend.triton_kernels("cross_entropy").backward(x, labels.reshape(-1), lse.reshape(-1), ignore_index,
+                                                               scale, row_scale)
+        return dx.reshape(logits.shape)
+    dx = _alloc.empty(x.shape, logits.dtype)
     rows_step(x, labels.reshape(-1), ignore_index, use_cpp=True, lse_in=lse.reshape(-1), want_loss=False,
               grad=dx, scale=scale, row_scale=row_scale)
     return dx.reshape(logits.shape)
