@@ -35,7 +35,7 @@ def main(arch: int = 90) -> int:
         return 2
     from triton.backends.compiler import GPUTarget
 
-    from mmfuse.kernels.triton import mrope, rms_norm, rotary, swiglu
+    from mmfuse.kernels.triton import cross_entropy, mrope, rms_norm, rotary, swiglu
 
     target = GPUTarget("cuda", arch, 32)
     i32, bf16, f32 = "i32", "*bf16", "*fp32"
@@ -52,6 +52,9 @@ def main(arch: int = 90) -> int:
     mro = dict(Q=bf16, K=bf16, QO=bf16, KO=bf16, POS="*i64", INV_FREQ=f32, **{a: i32 for a in (
         "T", "HQ", "HK", "R", "SEC_T", "SEC_TH", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_qot",
         "stride_qoh", "stride_kot", "stride_koh", "stride_ps", "stride_pt")})
+    ce_fwd = dict(X=bf16, Y="*i64", LOSS=f32, LSE=f32, G=bf16, ROW_SCALE=f32, n_rows=i32, V=i32, stride_x=i32,
+                  stride_g=i32, ignore_index=i32, scale="fp32")
+    ce_bwd = {k: v for k, v in ce_fwd.items() if k != "LOSS"}
     unit = dict(stride_xd=1, stride_cr=1, stride_sr=1)  # Triton specializes strides equal to 1 as constants
     cases = [
         ("rms_norm fwd (add, whole rows)", rms_norm._rms_norm_fwd_kernel, rn_fwd,
@@ -70,17 +73,23 @@ def main(arch: int = 90) -> int:
          dict(INTERLEAVED=True, INVERSE=True, BLOCK_H=16, BLOCK_R=32, BLOCK_TAIL=64, **unit), 4),
         ("apply_mrope", mrope._mrope_fwd_kernel, mro,
          dict(INVERSE=False, BLOCK_HQ=16, BLOCK_HK=2, BLOCK_R=64, stride_qd=1, stride_kd=1), 4),
+        ("cross_entropy fwd (loss, lse)", cross_entropy._cross_entropy_fwd_kernel, ce_fwd,
+         dict(WRITE_GRAD=False, HAS_ROW_SCALE=False, BLOCK_V=4096), 8),
+        ("cross_entropy fwd (+ grad in place)", cross_entropy._cross_entropy_fwd_kernel, ce_fwd,
+         dict(WRITE_GRAD=True, HAS_ROW_SCALE=True, BLOCK_V=4096), 8),
+        ("cross_entropy bwd", cross_entropy._cross_entropy_bwd_kernel, ce_bwd,
+         dict(HAS_ROW_SCALE=False, BLOCK_V=4096), 8),
     ]
     failed = 0
     for name, fn, types, consts, warps in cases:
         ptx = _compile(fn, types, consts, target, warps).asm["ptx"]
         vector = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx))
         failed += vector == 0
-        print(f"{name:<32} ok  vector loads: {vector}{'  (NONE: scalar loads only)' if vector == 0 else ''}")
+        print(f"{name:<36} ok  vector loads: {vector}{'  (NONE: scalar loads only)' if vector == 0 else ''}")
     ptx = _compile(mrope._sincos_kernel, dict(X=f32, COS=f32, SIN=f32, n=i32), dict(BLOCK=1024), target).asm["ptx"]
     approx = len(re.findall(r"(?:sin|cos)\.approx", ptx))
     failed += approx > 0
-    print(f"{'cos/sin':<32} ok  hardware sin/cos.approx: {approx}")
+    print(f"{'cos/sin':<36} ok  hardware sin/cos.approx: {approx}")
     return 1 if failed else 0
 
 

@@ -121,6 +121,14 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
     return loss, dh, dw
 
 
+def _sweep(backend: str, hidden, weight, labels, ignore_index, chunk_size, **kw):
+    """`_chunked` on the backend's per-row kernel: Triton's launcher for CUDA (or forced) tensors."""
+    if backend == "triton":
+        return _backend.triton_kernels("linear_cross_entropy").chunked(hidden, weight, labels, ignore_index,
+                                                                       chunk_size, **kw)
+    return _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=backend == "cpp", **kw)
+
+
 def _empty_grad(t):
     return t.new_empty((0,))
 
@@ -132,13 +140,13 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """(loss, dhidden, dweight): the gradients for dloss = 1 when asked (not for 'none'), else empty."""
     _check("linear_cross_entropy", hidden, weight, labels, reduction, chunk_size)
     check_label_values("linear_cross_entropy", labels, weight.shape[0], ignore_index)
-    use_cpp = _backend.select("linear_cross_entropy", hidden, weight) == "cpp"
+    backend = _backend.select("linear_cross_entropy", hidden, weight)
     n_valid = int((labels != ignore_index).sum())
     need_h = need_hidden_grad and reduction != "none"
     need_w = need_weight_grad and reduction != "none"
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    loss_rows, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=use_cpp, scale=scale,
-                                 need_h=need_h, need_w=need_w)
+    loss_rows, dh, dw = _sweep(backend, hidden, weight, labels, ignore_index, chunk_size, scale=scale,
+                               need_h=need_h, need_w=need_w)
     loss = reduce_rows(loss_rows, n_valid, reduction, labels.shape, hidden.dtype)
     return loss, (dh if need_h else _empty_grad(hidden)), (dw if need_w else _empty_grad(weight))
 
@@ -158,13 +166,13 @@ def _linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, we
                                    labels: torch.Tensor, ignore_index: int, reduction: str, chunk_size: int,
                                    need_hidden_grad: bool, need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dhidden, dweight) for dloss (per row for 'none'): the chunked pass again, with the rows scaled."""
-    use_cpp = _backend.select("linear_cross_entropy_backward", hidden, weight) == "cpp"
+    backend = _backend.select("linear_cross_entropy_backward", hidden, weight)
     if reduction == "none":
         scale, row_scale = 1.0, dloss
     else:
         scale, row_scale = grad_scale(dloss, int((labels != ignore_index).sum()), reduction), None
-    _, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=use_cpp, scale=scale,
-                         row_scale=row_scale, need_h=need_hidden_grad, need_w=need_weight_grad)
+    _, dh, dw = _sweep(backend, hidden, weight, labels, ignore_index, chunk_size, scale=scale,
+                       row_scale=row_scale, need_h=need_hidden_grad, need_w=need_weight_grad)
     return (dh if need_hidden_grad else _empty_grad(hidden)), (dw if need_weight_grad else _empty_grad(weight))
 
 
