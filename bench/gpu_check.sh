@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
 # build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
-# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile.
+# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, and linear_cross_entropy's
+# time and peak memory against F.linear + F.cross_entropy.
 #
 #   bash bench/gpu_check.sh      # results: $OUT/gpu-<card>-<date>.json, else bench/results/
 #
-# Each step runs under its own time limit (110 + 150 + 90 s: the whole check stays under 6
+# Each step runs under its own time limit (100 + 150 + 65 + 40 s: the whole check stays under 6
 # minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
 # the first failed step. PYTHON picks the interpreter (default: python).
 set -euo pipefail
@@ -46,7 +47,7 @@ except ImportError:
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
 
-step "build (pip install --no-build-isolation --no-deps .)" 110 \
+step "build (pip install --no-build-isolation --no-deps .)" 100 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
 
 # The tests import the installed mmfuse (no PYTHONPATH=python); `-k triton` selects the Triton
@@ -55,10 +56,15 @@ step "build (pip install --no-build-isolation --no-deps .)" 110 \
 step "op tests on cuda (Triton backend)" 150 \
   "$PY" -m pytest -q -p no:cacheprovider -k triton \
   tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py \
-  tests/ops/test_backend.py
+  tests/ops/test_cross_entropy.py tests/ops/test_linear_cross_entropy.py tests/ops/test_backend.py
 
-step "bandwidth benchmark" 90 \
-  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 60
+step "bandwidth benchmark" 65 \
+  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 45
+
+# N 16384, H 2048, V 151936 bf16: one fwd+bwd is ~30 TFLOP (~50 ms per provider on an H100), so
+# warm-up, peak memory and do_bench take a few seconds; most of the limit is import and kernel compiles.
+step "linear_cross_entropy benchmark (vs F.linear + F.cross_entropy)" 40 \
+  "$PY" bench/gpu_linear_cross_entropy.py --out-dir "$RESULTS"
 
 printf '\n== done in %ss, status %s; results in %s\n' "$SECONDS" "$status" "$RESULTS"
 exit "$status"

@@ -4,7 +4,8 @@ The forward writes per-row losses and the log-sum-exp (lse, fp32) in one sweep o
 autograd saves logits, labels and lse, and the backward kernel rebuilds softmax from them
 (exp(x - lse): one pass, no max/sum pass). Rows labelled `ignore_index` give loss 0 and zero
 gradient; 'mean' divides by the number of other rows, and is 0 (not NaN, as F.cross_entropy
-gives) when every row is ignored.
+gives) when every row is ignored. CUDA tensors run the same two steps as Triton kernels
+(`mmfuse.kernels.triton.cross_entropy`), CPU tensors the C++ core.
 
 `rows_step` is the per-row building block shared with `linear_cross_entropy`: loss, and
 optionally the gradient written over the logits in place.
@@ -88,8 +89,9 @@ def rows_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, 
     row_scale[r]). Labels are already validated."""
     R, V = logits.shape
     md = math_dtype(logits)
-    loss = torch.empty(R, dtype=md) if want_loss else None
-    lse = torch.empty(R, dtype=md) if want_lse else None
+    # On the logits' device: the reference formulas also serve float64 CUDA tensors.
+    loss = torch.empty(R, dtype=md, device=logits.device) if want_loss else None
+    lse = torch.empty(R, dtype=md, device=logits.device) if want_lse else None
     if use_cpp:
         C = _core.require()
         y = labels.contiguous()
@@ -112,7 +114,7 @@ def rows_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, 
         g = torch.exp(x - row_lse.unsqueeze(1))
         rows = valid.nonzero().squeeze(1)
         g[rows, labels[rows]] -= 1
-        s = torch.full((R, 1), scale, dtype=md)
+        s = torch.full((R, 1), scale, dtype=md, device=logits.device)
         if row_scale is not None:
             s = s * row_scale.to(md).reshape(R, 1)
         grad.copy_(g * s * valid.to(md).unsqueeze(1))

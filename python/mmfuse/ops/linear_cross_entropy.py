@@ -4,7 +4,7 @@ and F.cross_entropy keeps two more such tensors for its backward).
 
 Rows are processed in chunks (legend: N rows, H hidden, V vocab, C chunk rows):
   logits_CV = hidden_CH @ weight_VH^T        one torch GEMM into a reused [C, V] buffer
-  C++ kernel: loss_C, and logits_CV overwritten in place with d(loss)/d(logits)
+  CE kernel: loss_C, and logits_CV overwritten in place with d(loss)/d(logits)
   dhidden_CH = dlogits_CV @ weight_VH;  dweight_VH += dlogits_CV^T @ hidden_CH  (fp32 accumulator)
 so the gradients come out of the forward pass (scaled for dloss = 1) and the backward only
 multiplies them by dloss, in place. Rows labelled ignore_index are dropped before the GEMMs
@@ -13,6 +13,9 @@ multiplies them by dloss, in place. Rows labelled ignore_index are dropped befor
 reduction='none' cannot be scaled afterwards (dweight sums rows with different dloss), so its
 forward computes only the loss and its backward runs the chunked pass again with per-row scales
 (one extra GEMM per chunk).
+
+The CE kernel is the C++ core's on CPU tensors; CUDA tensors run the same loop in
+`mmfuse.kernels.triton.linear_cross_entropy` (Triton CE kernel, cuBLAS GEMMs, device allocations).
 
 bf16/fp16: the GEMMs run in the inputs' dtype (as F.linear does), the loss and softmax in fp32,
 dweight is accumulated in fp32 and rounded once.
@@ -71,10 +74,15 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
     y = labels.reshape(-1)
     N = h.shape[0]
     md = math_dtype(hidden)
+    dev = hidden.device  # the CPU, or any device for the reference (float64 CUDA tensors)
     want_grad = need_h or need_w
-    loss = torch.zeros(N, dtype=md)
-    dh = (_alloc.empty((N, H), hidden.dtype) if want_grad else None) if need_h else None
-    dw = (torch.zeros((V, H), dtype=md) if need_w else None)
+
+    def empty(shape, dtype):
+        return _alloc.empty(shape, dtype) if dev.type == "cpu" else torch.empty(shape, dtype=dtype, device=dev)
+
+    loss = torch.zeros(N, dtype=md, device=dev)
+    dh = (empty((N, H), hidden.dtype) if want_grad else None) if need_h else None
+    dw = (torch.zeros((V, H), dtype=md, device=dev) if need_w else None)
 
     keep = (y != ignore_index).nonzero().squeeze(1)
     dense = keep.numel() == N
@@ -88,9 +96,9 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
             rs_v = rs_v if dense else rs_v[keep]
         w = weight.contiguous()
         C = min(chunk_size or default_chunk_size(n, H, V), n)
-        buf = _alloc.empty((C, V), hidden.dtype)
-        loss_v = loss if dense else torch.empty(n, dtype=md)
-        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype)) if need_h else None
+        buf = empty((C, V), hidden.dtype)
+        loss_v = loss if dense else torch.empty(n, dtype=md, device=dev)
+        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype, device=dev)) if need_h else None
         lowp = w.dtype != md
         for s in range(0, n, C):
             e = min(s + C, n)
