@@ -232,3 +232,22 @@ def test_triton_default_chunk_keeps_fp32_logits_within_the_budget():
     assert gpu_chunk(1000, 64, 7) == 1024
     for n in (1, 4096, 1 << 20):
         assert gpu_chunk(n, 2048, 151936) * 151936 * 4 <= LOGITS_BUDGET_BYTES
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_never_holds_more_than_a_chunk_of_logits(device, monkeypatch):
+    from mmfuse.kernels.triton import cross_entropy as ce_kernels
+
+    seen = []
+    real = ce_kernels.forward
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(ce_kernels, "forward", spy)
+    h, w = _inputs(45, 16, 300, torch.float32)
+    y = _labels(45, 300)
+    _check_lce(h, w, y, "mean", chunk_size=8, device=device)
+    n_valid = int((y != -100).sum())
+    assert max(r for r, _ in seen) == 8 and sum(r for r, _ in seen) == n_valid  # ignored rows skip the GEMMs
