@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
 # build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
-# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, and the Triton attention's
-# TFLOP/s against PyTorch SDPA (default, flash and cuDNN backends).
+# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, the Triton attention's
+# TFLOP/s against PyTorch SDPA (default, flash and cuDNN backends), and linear_cross_entropy's time
+# and peak memory against F.linear + F.cross_entropy.
 #
-#   bash bench/gpu_check.sh      # results: $OUT/gpu-{,attention-}<card>-<date>.json, else bench/results/
+#   bash bench/gpu_check.sh      # results: $OUT/gpu-{,attention-,lce-}<card>-<date>.json, else bench/results/
 #
-# Each step runs under its own time limit (100 + 150 + 50 + 50 s = 350 s: the whole check stays
+# Each step runs under its own time limit (90 + 140 + 45 + 45 + 35 s = 355 s: the whole check stays
 # under 6 minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
 # the first failed step. PYTHON picks the interpreter (default: python).
 set -euo pipefail
@@ -79,30 +80,37 @@ except ImportError:
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
 
-step "build (pip install --no-build-isolation --no-deps .)" 100 \
+step "build (pip install --no-build-isolation --no-deps .)" 90 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
 
 # The tests import the installed mmfuse (no PYTHONPATH=python); `-k triton` selects the Triton
 # cases, which run on CUDA tensors here, every shape of the CPU suite included. Most of the time
 # goes to compiling kernel variants (a few hundred, ~0.3 s each, cached in ~/.triton for reruns),
-# so the tests run as four pytest processes at once: the other ops, and test_attention.py in three
-# parts (its ~110 kernel variants, counted from the cases, take ~0.5-1 s each to compile).
+# so the tests run as five pytest processes at once: the elementwise ops, the cross-entropies, and
+# test_attention.py in three parts (its ~110 kernel variants, counted from the cases, take ~0.5-1 s
+# each to compile).
 attn=tests/ops/test_attention.py
 parts="single_sequence or window or gqa or unequal"
-pytest_groups "op tests on cuda (Triton backend)" 150 \
+pytest_groups "op tests on cuda (Triton backend)" 140 \
   triton "tests/ops/test_rms_norm.py tests/ops/test_swiglu.py tests/ops/test_rotary.py tests/ops/test_mrope.py
           tests/ops/test_backend.py" \
+  triton "tests/ops/test_cross_entropy.py tests/ops/test_linear_cross_entropy.py" \
   "triton and single_sequence" "$attn" \
   "triton and (window or gqa or unequal)" "$attn" \
   "triton and not ($parts)" "$attn"
 
-step "bandwidth benchmark" 50 \
-  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 35
+step "bandwidth benchmark" 45 \
+  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 30
 
 # B=2 x S=8192, H=16, D=128 bf16, causal and not, fwd and fwd+bwd: ~10 s of kernel compilation
 # (8 variants), 16 timings of ~0.3 s; cases past the budget are recorded as skipped.
-step "attention benchmark (TFLOP/s vs SDPA)" 50 \
-  "$PY" bench/gpu_attention.py --out-dir "$RESULTS" --budget-s 30
+step "attention benchmark (TFLOP/s vs SDPA)" 45 \
+  "$PY" bench/gpu_attention.py --out-dir "$RESULTS" --budget-s 28
+
+# N 16384, H 2048, V 151936 bf16: one fwd+bwd is ~30 TFLOP (~50 ms per provider on an H100), so
+# warm-up, peak memory and do_bench take a few seconds; most of the limit is import and kernel compiles.
+step "linear_cross_entropy benchmark (vs F.linear + F.cross_entropy)" 35 \
+  "$PY" bench/gpu_linear_cross_entropy.py --out-dir "$RESULTS"
 
 printf '\n== done in %ss, status %s; results in %s\n' "$SECONDS" "$status" "$RESULTS"
 exit "$status"

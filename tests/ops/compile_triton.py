@@ -44,7 +44,7 @@ def main(arch: int = 90) -> int:
         return 2
     from triton.backends.compiler import GPUTarget
 
-    from mmfuse.kernels.triton import attention, mrope, rms_norm, rotary, swiglu
+    from mmfuse.kernels.triton import attention, cross_entropy, mrope, rms_norm, rotary, swiglu
 
     target = GPUTarget("cuda", arch, 32)
     i32, bf16, f32 = "i32", "*bf16", "*fp32"
@@ -61,6 +61,9 @@ def main(arch: int = 90) -> int:
     mro = dict(Q=bf16, K=bf16, QO=bf16, KO=bf16, POS="*i64", INV_FREQ=f32, **{a: i32 for a in (
         "T", "HQ", "HK", "R", "SEC_T", "SEC_TH", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_qot",
         "stride_qoh", "stride_kot", "stride_koh", "stride_ps", "stride_pt")})
+    ce_fwd = dict(X=bf16, Y="*i64", LOSS=f32, LSE=f32, G=bf16, ROW_SCALE=f32, n_rows=i32, V=i32, stride_x=i32,
+                  stride_g=i32, ignore_index=i32, scale="fp32")
+    ce_bwd = {k: v for k, v in ce_fwd.items() if k != "LOSS"}
     unit = dict(stride_xd=1, stride_cr=1, stride_sr=1)  # Triton specializes strides equal to 1 as constants
 
     def att(fn, dt, ptrs, ints, floats=("qk_scale",)):
@@ -112,6 +115,12 @@ def main(arch: int = 90) -> int:
         ("attention bwd dQ (fp32)", attention._attention_bwd_dq_kernel, at_dq[f32],
          dict(HAS_LEFT=False, HAS_RIGHT=False, PRECISION="ieee", SPLIT_DS=False, BLOCK_M=64, BLOCK_N=64,
               BLOCK_D=128), (8, 2)),
+        ("cross_entropy fwd (loss, lse)", cross_entropy._cross_entropy_fwd_kernel, ce_fwd,
+         dict(WRITE_GRAD=False, HAS_ROW_SCALE=False, BLOCK_V=4096), 8),
+        ("cross_entropy fwd (+ grad in place)", cross_entropy._cross_entropy_fwd_kernel, ce_fwd,
+         dict(WRITE_GRAD=True, HAS_ROW_SCALE=True, BLOCK_V=4096), 8),
+        ("cross_entropy bwd", cross_entropy._cross_entropy_bwd_kernel, ce_bwd,
+         dict(HAS_ROW_SCALE=False, BLOCK_V=4096), 8),
     ]
     failed = 0
     for name, fn, types, consts, launch in cases:

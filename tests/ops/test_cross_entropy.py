@@ -1,5 +1,6 @@
 """cross_entropy against the float64 reference and F.cross_entropy: every reduction, ignore_index,
-all-ignored batches (0, not NaN), gradients, every SIMD flavour, bad inputs."""
+all-ignored batches (0, not NaN), gradients, every SIMD flavour, bad inputs. Tests taking `device`
+run on the C++ core and on the Triton kernels (tests/ops/backends.py)."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse.ops import cross_entropy, reference
+from tests.ops.backends import BACKENDS, on, with_backends
 from tests.ops.numerics import assert_matches, supported_isas, use_isa
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -16,17 +18,24 @@ REDUCTIONS = ["mean", "sum", "none"]
 SHAPES = [(1, 7), (3, 1000), (127, 1000), (1000, 7), (3, 32000), (2, 151936)]
 
 
+def _small(N, V):
+    return N <= 64  # a few Triton programs (a 151936 row is 38 BLOCK_V chunks of one program)
+
+
 def _labels(N, V, ignore_frac=0.25, ignore_index=-100):
     y = torch.randint(0, V, (N,))
     y[torch.rand(N) < ignore_frac] = ignore_index
     return y
 
 
-def _check_ce(x, y, reduction, ignore_index=-100):
-    xa = x.detach().requires_grad_(True)
-    loss = cross_entropy(xa, y, ignore_index, reduction)
-    dl = torch.randn_like(loss)
-    (dx,) = torch.autograd.grad(loss, (xa,), dl)
+def _check_ce(x, y, reduction, ignore_index=-100, device="cpu"):
+    """Loss and dlogits of mmfuse (on `device`) vs the float64 reference and eager, both on the CPU."""
+    x, y = x.detach().cpu(), y.cpu()
+    xa = on(device, x).requires_grad_(True)
+    loss = cross_entropy(xa, on(device, y), ignore_index, reduction)
+    dl = torch.randn(loss.shape, dtype=loss.dtype)
+    (dx,) = torch.autograd.grad(loss, (xa,), on(device, dl))
+    loss, dx = loss.cpu(), dx.cpu()
 
     x64 = x.detach().double().requires_grad_(True)
     l64 = reference.cross_entropy(x64, y, ignore_index, reduction)
@@ -43,10 +52,10 @@ def _check_ce(x, y, reduction, ignore_index=-100):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N,V", SHAPES)
-def test_cross_entropy_matches_fp64_reference(N, V, dtype, reduction):
+@pytest.mark.parametrize("N,V,backend", with_backends(SHAPES, _small))
+def test_cross_entropy_matches_fp64_reference(N, V, dtype, reduction, device):
     x = (torch.randn(N, V) * 4).to(dtype)
-    _check_ce(x, _labels(N, V), reduction)
+    _check_ce(x, _labels(N, V), reduction, device=device)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -70,54 +79,71 @@ def test_cross_entropy_every_simd_flavour(isa, dtype):
                 _check_ce((torch.randn(N, V) * 4).to(dtype), _labels(N, V), reduction)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_all_ignored_batch_gives_zero_loss_and_gradient_not_nan(dtype):
-    x = torch.randn(6, 50, dtype=dtype, requires_grad=True)
-    y = torch.full((6,), -100)
+def test_all_ignored_batch_gives_zero_loss_and_gradient_not_nan(dtype, device):
+    x, y = on(device, torch.randn(6, 50, dtype=dtype), torch.full((6,), -100))
+    x.requires_grad_(True)
     for reduction in REDUCTIONS:
         loss = cross_entropy(x, y, reduction=reduction)
         (dx,) = torch.autograd.grad(loss.sum(), (x,))
         assert torch.equal(loss, torch.zeros_like(loss))
         assert torch.equal(dx, torch.zeros_like(dx))
-    assert torch.isnan(F.cross_entropy(x.float(), y))  # the documented difference from PyTorch
+    assert torch.isnan(F.cross_entropy(x.detach().float().cpu(), y.cpu()))  # the documented difference from PyTorch
 
 
-def test_ignore_index_rows_have_zero_loss_and_grad_and_leave_the_mean():
-    x = torch.randn(8, 30, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_rows_have_zero_loss_and_grad_and_leave_the_mean(device):
+    x = torch.randn(8, 30)
     y = torch.randint(0, 30, (8,))
+    y[y == 7] = 8  # rows 1 and 4 alone are ignored
     y[[1, 4]] = 7
-    rows = cross_entropy(x, y, ignore_index=7, reduction="none")
+    x, y = on(device, x, y)
+    x.requires_grad_(True)
+    rows = cross_entropy(x, y, ignore_index=7, reduction="none").cpu()
     assert rows[1] == 0 and rows[4] == 0
     mean = cross_entropy(x, y, ignore_index=7)
-    torch.testing.assert_close(mean, rows.sum() / 6)
+    torch.testing.assert_close(mean.cpu(), rows.sum() / 6)
     (dx,) = torch.autograd.grad(mean, (x,))
-    assert torch.equal(dx[[1, 4]], torch.zeros(2, 30))
+    assert torch.equal(dx.cpu()[[1, 4]], torch.zeros(2, 30))
 
 
-def test_batched_and_non_contiguous_logits():
-    base = torch.randn(2, 9, 2 * 300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_and_non_contiguous_logits(device):
+    base = on(device, torch.randn(2, 9, 2 * 300))
     x = base[..., ::2]                        # [B, S, V] with strided classes
     y = torch.randint(0, 300, (2, 9))
     for reduction in REDUCTIONS:
-        _check_ce(x, y, reduction)
-    _check_ce(torch.randn(300, 11).t(), torch.randint(0, 300, (11,)), "mean")
+        _check_ce(x, y, reduction, device=device)
+    _check_ce(on(device, torch.randn(300, 11)).t(), torch.randint(0, 300, (11,)), "mean", device=device)
+    _check_ce(on(device, torch.randn(5, 300 + 20))[:, :300], torch.randint(0, 300, (5,)), "sum",
+              device=device)  # rows inside wider rows (a row stride, no copy on the Triton path)
 
 
-def test_stable_for_large_and_masked_logits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stable_for_large_and_masked_logits(device):
     x = torch.randn(4, 1000) * 1e4
     x[:, 500:] = -math.inf                     # masked vocabulary
     y = torch.randint(0, 500, (4,))
-    loss = cross_entropy(x, y, reduction="none")
+    loss = cross_entropy(*on(device, x, y), reduction="none").cpu()
     torch.testing.assert_close(loss.double(), F.cross_entropy(x.double(), y, reduction="none"), rtol=1e-6, atol=1e-3)
-    xa = x.clone().requires_grad_(True)
-    (dx,) = torch.autograd.grad(cross_entropy(xa, y), (xa,))
+    xa = on(device, x).requires_grad_(True)
+    (dx,) = torch.autograd.grad(cross_entropy(xa, on(device, y)), (xa,))
+    dx = dx.cpu()
     assert torch.isfinite(dx).all() and torch.equal(dx[:, 500:], torch.zeros(4, 500))
+    # Masked first: the online max starts at -inf for whole chunks (no exp(-inf - -inf) = NaN).
+    xm = torch.randn(3, 9000)
+    xm[:, :8500] = -math.inf
+    ym = torch.randint(8500, 9000, (3,))
+    torch.testing.assert_close(cross_entropy(*on(device, xm, ym), reduction="none").cpu().double(),
+                               F.cross_entropy(xm.double(), ym, reduction="none"), rtol=1e-5, atol=1e-5)
 
 
-def test_nan_logit_gives_nan_loss():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logit_gives_nan_loss(device):
     x = torch.randn(3, 5000)
     x[1, 4321] = math.nan
-    loss = cross_entropy(x, torch.tensor([0, 1, 2]), reduction="none")
+    loss = cross_entropy(*on(device, x, torch.tensor([0, 1, 2])), reduction="none").cpu()
     assert torch.isfinite(loss[[0, 2]]).all() and torch.isnan(loss[1])
 
 
@@ -128,10 +154,11 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(lambda a: cross_entropy(a, y, reduction=reduction), (x,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
-    x = torch.randn(7, 48, dtype=dtype, requires_grad=True)
-    y = torch.tensor([0, 5, -100, 47, 1, 2, 3])
+def test_opcheck(dtype, device):
+    x, y = on(device, torch.randn(7, 48, dtype=dtype), torch.tensor([0, 5, -100, 47, 1, 2, 3]))
+    x.requires_grad_(True)
     for reduction in REDUCTIONS:
         torch.library.opcheck(torch.ops.mmfuse.cross_entropy.default, (x, y, -100, reduction))
 
@@ -174,3 +201,25 @@ def test_bad_inputs_raise_clear_errors():
         cross_entropy(torch.ones(4, 16, dtype=torch.long), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="reduction must be one of"):
         cross_entropy(x, torch.tensor([0, 1, 2, 3]), reduction="avg")
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_forward_writes_the_scaled_gradient_in_place(dtype, device):
+    # The in-pass gradient linear_cross_entropy relies on: written over the logits by the forward
+    # kernel, equal to the backward kernel's from the saved lse (per-row scales, ignored rows 0).
+    from mmfuse.kernels.triton import cross_entropy as kernels
+
+    x = (torch.randn(9, 5000) * 4).to(dtype)
+    y = _labels(9, 5000)
+    rs = torch.randn(9)
+    x_dev, y_dev, rs_dev = on(device, x, y, rs)
+    loss, lse = kernels.forward(x_dev, y_dev, -100)
+    want = kernels.backward(x_dev, y_dev, lse, -100, 0.5, rs_dev).cpu()
+    buf = x_dev.clone()
+    loss2, lse2 = kernels.forward(buf, y_dev, -100, grad=buf, scale=0.5, row_scale=rs_dev)
+    assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
+    torch.testing.assert_close(buf.cpu(), want, rtol=0, atol=0)
+    ref = reference.cross_entropy_backward(rs.double(), x.double(), y, reduction="none") * 0.5
+    assert_matches(buf.cpu(), ref, reference.cross_entropy_backward(rs.to(dtype), x, y, reduction="none") * 0.5,
+                   grad=True, what="in-place dlogits")

@@ -4,7 +4,8 @@ The forward writes per-row losses and the log-sum-exp (lse, fp32) in one sweep o
 autograd saves logits, labels and lse, and the backward kernel rebuilds softmax from them
 (exp(x - lse): one pass, no max/sum pass). Rows labelled `ignore_index` give loss 0 and zero
 gradient; 'mean' divides by the number of other rows, and is 0 (not NaN, as F.cross_entropy
-gives) when every row is ignored.
+gives) when every row is ignored. CUDA tensors run the same two steps as Triton kernels
+(`mmfuse.kernels.triton.cross_entropy`), CPU tensors the C++ core.
 
 `rows_step` is the per-row building block shared with `linear_cross_entropy`: loss, and
 optionally the gradient written over the logits in place.
@@ -88,8 +89,9 @@ def rows_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, 
     row_scale[r]). Labels are already validated."""
     R, V = logits.shape
     md = math_dtype(logits)
-    loss = torch.empty(R, dtype=md) if want_loss else None
-    lse = torch.empty(R, dtype=md) if want_lse else None
+    # On the logits' device: the reference formulas also serve float64 CUDA tensors.
+    loss = torch.empty(R, dtype=md, device=logits.device) if want_loss else None
+    lse = torch.empty(R, dtype=md, device=logits.device) if want_lse else None
     if use_cpp:
         C = _core.require()
         y = labels.contiguous()
@@ -112,7 +114,7 @@ def rows_step(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, 
         g = torch.exp(x - row_lse.unsqueeze(1))
         rows = valid.nonzero().squeeze(1)
         g[rows, labels[rows]] -= 1
-        s = torch.full((R, 1), scale, dtype=md)
+        s = torch.full((R, 1), scale, dtype=md, device=logits.device)
         if row_scale is not None:
             s = s * row_scale.to(md).reshape(R, 1)
         grad.copy_(g * s * valid.to(md).unsqueeze(1))
@@ -127,11 +129,14 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     _check("cross_entropy", logits, labels, reduction)
     V = logits.shape[-1]
     check_label_values("cross_entropy", labels, V, ignore_index)
-    use_cpp = _backend.select("cross_entropy", logits, labels) == "cpp"
+    backend = _backend.select("cross_entropy", logits, labels)
     x = logits.reshape(-1, V)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
-    loss_rows, lse = rows_step(x, labels.reshape(-1), ignore_index, use_cpp=use_cpp, want_lse=True)
+    if backend == "triton":
+        loss_rows, lse = _backend.triton_kernels("cross_entropy").forward(x, labels.reshape(-1), ignore_index)
+    else:
+        loss_rows, lse = rows_step(x, labels.reshape(-1), ignore_index, use_cpp=backend == "cpp", want_lse=True)
     n_valid = valid_count(labels, ignore_index)
     return reduce_rows(loss_rows, n_valid, reduction, labels.shape, logits.dtype), lse.reshape(labels.shape)
 
@@ -147,17 +152,21 @@ def _(logits, labels, ignore_index, reduction):
 def _cross_entropy_backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                             ignore_index: int, reduction: str) -> torch.Tensor:
     V = logits.shape[-1]
-    use_cpp = _backend.select("cross_entropy_backward", logits, labels) == "cpp"
-    if not use_cpp:
+    backend = _backend.select("cross_entropy_backward", logits, labels)
+    if backend == "reference":
         return reference.cross_entropy_backward(dloss, logits, labels, ignore_index, reduction)
     x = logits.reshape(-1, V)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
-    dx = _alloc.empty(x.shape, logits.dtype)
     if reduction == "none":
         scale, row_scale = 1.0, dloss.reshape(-1)
     else:
         scale, row_scale = grad_scale(dloss, valid_count(labels, ignore_index), reduction), None
+    if backend == "triton":
+        dx = _backend.triton_kernels("cross_entropy").backward(x, labels.reshape(-1), lse.reshape(-1), ignore_index,
+                                                               scale, row_scale)
+        return dx.reshape(logits.shape)
+    dx = _alloc.empty(x.shape, logits.dtype)
     rows_step(x, labels.reshape(-1), ignore_index, use_cpp=True, lse_in=lse.reshape(-1), want_loss=False,
               grad=dx, scale=scale, row_scale=row_scale)
     return dx.reshape(logits.shape)

@@ -4,7 +4,7 @@ and F.cross_entropy keeps two more such tensors for its backward).
 
 Rows are processed in chunks (legend: N rows, H hidden, V vocab, C chunk rows):
   logits_CV = hidden_CH @ weight_VH^T        one torch GEMM into a reused [C, V] buffer
-  C++ kernel: loss_C, and logits_CV overwritten in place with d(loss)/d(logits)
+  CE kernel: loss_C, and logits_CV overwritten in place with d(loss)/d(logits)
   dhidden_CH = dlogits_CV @ weight_VH;  dweight_VH += dlogits_CV^T @ hidden_CH  (fp32 accumulator)
 so the gradients come out of the forward pass (scaled for dloss = 1) and the backward only
 multiplies them by dloss, in place. Rows labelled ignore_index are dropped before the GEMMs
@@ -13,6 +13,9 @@ multiplies them by dloss, in place. Rows labelled ignore_index are dropped befor
 reduction='none' cannot be scaled afterwards (dweight sums rows with different dloss), so its
 forward computes only the loss and its backward runs the chunked pass again with per-row scales
 (one extra GEMM per chunk).
+
+The CE kernel is the C++ core's on CPU tensors; CUDA tensors run the same loop in
+`mmfuse.kernels.triton.linear_cross_entropy` (Triton CE kernel, cuBLAS GEMMs, device allocations).
 
 bf16/fp16: the GEMMs run in the inputs' dtype (as F.linear does), the loss and softmax in fp32,
 dweight is accumulated in fp32 and rounded once.
@@ -71,10 +74,15 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
     y = labels.reshape(-1)
     N = h.shape[0]
     md = math_dtype(hidden)
+    dev = hidden.device  # the CPU, or any device for the reference (float64 CUDA tensors)
     want_grad = need_h or need_w
-    loss = torch.zeros(N, dtype=md)
-    dh = (_alloc.empty((N, H), hidden.dtype) if want_grad else None) if need_h else None
-    dw = (torch.zeros((V, H), dtype=md) if need_w else None)
+
+    def empty(shape, dtype):
+        return _alloc.empty(shape, dtype) if dev.type == "cpu" else torch.empty(shape, dtype=dtype, device=dev)
+
+    loss = torch.zeros(N, dtype=md, device=dev)
+    dh = (empty((N, H), hidden.dtype) if want_grad else None) if need_h else None
+    dw = (torch.zeros((V, H), dtype=md, device=dev) if need_w else None)
 
     keep = (y != ignore_index).nonzero().squeeze(1)
     dense = keep.numel() == N
@@ -88,9 +96,9 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
             rs_v = rs_v if dense else rs_v[keep]
         w = weight.contiguous()
         C = min(chunk_size or default_chunk_size(n, H, V), n)
-        buf = _alloc.empty((C, V), hidden.dtype)
-        loss_v = loss if dense else torch.empty(n, dtype=md)
-        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype)) if need_h else None
+        buf = empty((C, V), hidden.dtype)
+        loss_v = loss if dense else torch.empty(n, dtype=md, device=dev)
+        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype, device=dev)) if need_h else None
         lowp = w.dtype != md
         for s in range(0, n, C):
             e = min(s + C, n)
@@ -121,6 +129,14 @@ def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale
     return loss, dh, dw
 
 
+def _sweep(backend: str, hidden, weight, labels, ignore_index, chunk_size, **kw):
+    """`_chunked` on the backend's per-row kernel: Triton's launcher for CUDA (or forced) tensors."""
+    if backend == "triton":
+        return _backend.triton_kernels("linear_cross_entropy").chunked(hidden, weight, labels, ignore_index,
+                                                                       chunk_size, **kw)
+    return _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=backend == "cpp", **kw)
+
+
 def _empty_grad(t):
     return t.new_empty((0,))
 
@@ -132,13 +148,13 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """(loss, dhidden, dweight): the gradients for dloss = 1 when asked (not for 'none'), else empty."""
     _check("linear_cross_entropy", hidden, weight, labels, reduction, chunk_size)
     check_label_values("linear_cross_entropy", labels, weight.shape[0], ignore_index)
-    use_cpp = _backend.select("linear_cross_entropy", hidden, weight) == "cpp"
+    backend = _backend.select("linear_cross_entropy", hidden, weight)
     n_valid = int((labels != ignore_index).sum())
     need_h = need_hidden_grad and reduction != "none"
     need_w = need_weight_grad and reduction != "none"
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    loss_rows, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=use_cpp, scale=scale,
-                                 need_h=need_h, need_w=need_w)
+    loss_rows, dh, dw = _sweep(backend, hidden, weight, labels, ignore_index, chunk_size, scale=scale,
+                               need_h=need_h, need_w=need_w)
     loss = reduce_rows(loss_rows, n_valid, reduction, labels.shape, hidden.dtype)
     return loss, (dh if need_h else _empty_grad(hidden)), (dw if need_w else _empty_grad(weight))
 
@@ -158,13 +174,13 @@ def _linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, we
                                    labels: torch.Tensor, ignore_index: int, reduction: str, chunk_size: int,
                                    need_hidden_grad: bool, need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dhidden, dweight) for dloss (per row for 'none'): the chunked pass again, with the rows scaled."""
-    use_cpp = _backend.select("linear_cross_entropy_backward", hidden, weight) == "cpp"
+    backend = _backend.select("linear_cross_entropy_backward", hidden, weight)
     if reduction == "none":
         scale, row_scale = 1.0, dloss
     else:
         scale, row_scale = grad_scale(dloss, int((labels != ignore_index).sum()), reduction), None
-    _, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=use_cpp, scale=scale,
-                         row_scale=row_scale, need_h=need_hidden_grad, need_w=need_weight_grad)
+    _, dh, dw = _sweep(backend, hidden, weight, labels, ignore_index, chunk_size, scale=scale,
+                       row_scale=row_scale, need_h=need_hidden_grad, need_w=need_weight_grad)
     return (dh if need_hidden_grad else _empty_grad(hidden)), (dw if need_weight_grad else _empty_grad(weight))
 
 

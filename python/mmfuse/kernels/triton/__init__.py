@@ -1,5 +1,7 @@
 """Triton kernels of the mmfuse ops, one module per op (`rms_norm`, `swiglu`, `rotary`, `mrope`,
-`attention`), each with its `_<op>_fwd_kernel` / `_<op>_bwd_kernel` and the host launchers the op layer calls.
+`attention`, `cross_entropy`), each with its `_<op>_fwd_kernel` / `_<op>_bwd_kernel` and the host
+launchers the op layer calls; `linear_cross_entropy` is host code only (cuBLAS GEMMs around the
+cross-entropy kernel).
 
 Portability rules every kernel here follows (the Triton 3.2 language, which triton-ascend supports):
 no float64 inside a kernel (float64 ops run the reference instead, see `mmfuse.ops._backend`), no
