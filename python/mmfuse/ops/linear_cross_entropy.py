@@ -28,6 +28,7 @@ import math
 import torch
 
 from mmfuse.ops import _alloc, _backend
+from mmfuse.ops._lce_chunks import ChunkKernels, sweep
 from mmfuse.ops._checks import check_float, check_same_device
 from mmfuse.ops.cross_entropy import (check_label_values, check_labels, check_reduction, grad_scale, math_dtype,
                                       reduce_rows, rows_step)
@@ -64,77 +65,35 @@ def _check(op, hidden, weight, labels, reduction, chunk_size):
         raise ValueError(f"{op}: chunk_size must be positive (0 picks the default), got {chunk_size}")
 
 
-def _chunked(hidden, weight, labels, ignore_index, chunk_size, *, use_cpp, scale=1.0, row_scale=None,
-             need_h=False, need_w=False):
-    """One sweep over row chunks: per-row losses [N] (math dtype), and when asked dhidden [N, H]
-    and dweight [V, H] of sum_rows(loss_r * scale * row_scale_r)."""
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    h = hidden.reshape(-1, H)
-    y = labels.reshape(-1)
-    N = h.shape[0]
+def _cpu_kernels(hidden: torch.Tensor, use_cpp: bool) -> ChunkKernels:
+    """The chunk loop's parts for CPU tensors (the C++ CE kernel) or the reference (any device)."""
     md = math_dtype(hidden)
     dev = hidden.device  # the CPU, or any device for the reference (float64 CUDA tensors)
-    want_grad = need_h or need_w
 
     def empty(shape, dtype):
         return _alloc.empty(shape, dtype) if dev.type == "cpu" else torch.empty(shape, dtype=dtype, device=dev)
 
-    loss = torch.zeros(N, dtype=md, device=dev)
-    dh = (empty((N, H), hidden.dtype) if want_grad else None) if need_h else None
-    dw = (torch.zeros((V, H), dtype=md, device=dev) if need_w else None)
+    def ce_rows(lg, y, ignore_index, grad, scale, row_scale, loss_out):
+        loss_out.copy_(rows_step(lg, y, ignore_index, use_cpp=use_cpp, grad=grad, scale=scale,
+                                 row_scale=row_scale)[0])
 
-    keep = (y != ignore_index).nonzero().squeeze(1)
-    dense = keep.numel() == N
-    n = keep.numel()
-    if n:
-        h_v = h.contiguous() if dense else h[keep]
-        y_v = y.contiguous() if dense else y[keep]
-        rs_v = None
-        if row_scale is not None:
-            rs_v = row_scale.reshape(-1).to(md)
-            rs_v = rs_v if dense else rs_v[keep]
-        w = weight.contiguous()
-        C = min(chunk_size or default_chunk_size(n, H, V), n)
-        buf = empty((C, V), hidden.dtype)
-        loss_v = loss if dense else torch.empty(n, dtype=md, device=dev)
-        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype, device=dev)) if need_h else None
-        lowp = w.dtype != md
-        for s in range(0, n, C):
-            e = min(s + C, n)
-            h_c = h_v[s:e]
-            lg = buf[: e - s]
-            torch.mm(h_c, w.t(), out=lg)
-            l_c, _ = rows_step(lg, y_v[s:e], ignore_index, use_cpp=use_cpp, grad=lg if want_grad else None,
-                               scale=scale, row_scale=None if rs_v is None else rs_v[s:e])
-            loss_v[s:e] = l_c
-            if need_h:
-                torch.mm(lg, w, out=dh_v[s:e])
-            if need_w:
-                if lowp:
-                    dw.addmm_(lg.t().to(md), h_c.to(md))
-                else:
-                    dw.addmm_(lg.t(), h_c)
-        if not dense:
-            loss[keep] = loss_v
-            if need_h:
-                dh.zero_()
-                dh[keep] = dh_v
-    elif need_h:
-        dh.zero_()
-    if dh is not None:
-        dh = dh.reshape(hidden.shape)
-    if dw is not None and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    return loss, dh, dw
+    def accumulate_dweight(dw, lg, h_c):
+        if lg.dtype != md:  # bf16/fp16 chunk: widen it so the sum over chunks is rounded once
+            dw.addmm_(lg.t().to(md), h_c.to(md))
+        else:
+            dw.addmm_(lg.t(), h_c)
+
+    return ChunkKernels(md, empty, default_chunk_size, ce_rows, accumulate_dweight)
 
 
 def _sweep(backend: str, hidden, weight, labels, ignore_index, chunk_size, **kw):
-    """`_chunked` on the backend's per-row kernel: Triton's launcher for CUDA (or forced) tensors."""
+    """The chunk loop on the backend's kernels: Triton's CE kernel and cuBLAS for CUDA (or forced)
+    tensors, the C++ core's for CPU tensors, else the reference."""
     if backend == "triton":
-        return _backend.triton_kernels("linear_cross_entropy").chunked(hidden, weight, labels, ignore_index,
-                                                                       chunk_size, **kw)
-    return _chunked(hidden, weight, labels, ignore_index, chunk_size, use_cpp=backend == "cpp", **kw)
+        kernels = _backend.triton_kernels("linear_cross_entropy").chunk_kernels(hidden)
+    else:
+        kernels = _cpu_kernels(hidden, use_cpp=backend == "cpp")
+    return sweep(kernels, hidden, weight, labels, ignore_index, chunk_size, **kw)
 
 
 def _empty_grad(t):

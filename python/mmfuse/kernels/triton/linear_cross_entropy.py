@@ -11,8 +11,8 @@ so the gradients are produced in the forward pass; the op's backward only scales
 labelled ignore_index are dropped before the GEMMs. No Triton GEMM: cuBLAS runs them at the card's
 bf16 rate, and the CE kernel in between is memory-bound (read the chunk twice, write it once).
 
-The host loop mirrors the CPU path (`mmfuse.ops.linear_cross_entropy._chunked`); only the per-chunk
-cross-entropy, the allocations (on the tensors' device) and the fp32 dweight GEMM differ.
+The host loop is the CPU path's (`mmfuse.ops._lce_chunks.sweep`); this module gives it the per-chunk
+cross-entropy, the allocations (on the tensors' device) and the fp32 dweight GEMM.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 import torch
 
 from mmfuse.kernels.triton import cross_entropy as _ce
+from mmfuse.ops._lce_chunks import ChunkKernels
 
 # Floor of rows per chunk: GEMMs with fewer rows use the tensor cores poorly, and Liger's rule below
 # gives 64 rows at N 4096 / H 2048 / V 151936.
@@ -67,58 +68,15 @@ def _accumulate_dweight(dw_VH: torch.Tensor, dlogits_CV: torch.Tensor, h_CH: tor
     dw_VH.addmm_(dlogits_CV.t().float(), h_CH.float())
 
 
-def chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_size: int,
-            *, scale: float = 1.0, row_scale: torch.Tensor | None = None, need_h: bool = False,
-            need_w: bool = False):
-    """One sweep over row chunks: per-row losses [N] (fp32), and when asked dhidden (hidden's shape
-    and dtype) and dweight [V, H] (weight's dtype, accumulated in fp32) of
-    sum_rows(loss_r * scale * row_scale_r). chunk_size 0 picks `default_chunk_size`."""
-    H = hidden.shape[-1]
-    V = weight.shape[0]
+def chunk_kernels(hidden: torch.Tensor) -> ChunkKernels:
+    """The chunk loop's parts (`mmfuse.ops._lce_chunks.sweep`) for tensors on hidden's device: fp32
+    math, device allocations, the Triton CE kernel, cuBLAS dweight accumulation in fp32."""
     dev = hidden.device
-    h_NH = hidden.reshape(-1, H)
-    y = labels.reshape(-1)
-    N = h_NH.shape[0]
-    want_grad = need_h or need_w
-    loss = torch.zeros(N, dtype=torch.float32, device=dev)
-    dh = torch.empty((N, H), dtype=hidden.dtype, device=dev) if need_h else None
-    dw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w else None
 
-    keep = (y != ignore_index).nonzero().squeeze(1)
-    n = keep.numel()
-    dense = n == N
-    if n:
-        h_v = h_NH.contiguous() if dense else h_NH[keep]
-        y_v = y.contiguous() if dense else y[keep]
-        rs_v = None
-        if row_scale is not None:
-            rs_v = row_scale.reshape(-1).to(device=dev, dtype=torch.float32)
-            rs_v = rs_v if dense else rs_v[keep]
-        w = weight.contiguous()
-        C = min(chunk_size or default_chunk_size(n, H, V), n)
-        buf = torch.empty((C, V), dtype=hidden.dtype, device=dev)
-        loss_v = loss if dense else torch.empty(n, dtype=torch.float32, device=dev)
-        dh_v = (dh if dense else torch.empty((n, H), dtype=hidden.dtype, device=dev)) if need_h else None
-        for s in range(0, n, C):
-            e = min(s + C, n)
-            h_c = h_v[s:e]
-            lg = buf[: e - s]
-            torch.mm(h_c, w.t(), out=lg)
-            _ce.forward(lg, y_v[s:e], ignore_index, grad=lg if want_grad else None, scale=scale,
-                        row_scale=None if rs_v is None else rs_v[s:e], loss=loss_v[s:e])
-            if need_h:
-                torch.mm(lg, w, out=dh_v[s:e])
-            if need_w:
-                _accumulate_dweight(dw, lg, h_c)
-        if not dense:
-            loss[keep] = loss_v
-            if need_h:
-                dh.zero_()
-                dh[keep] = dh_v
-    elif need_h:
-        dh.zero_()
-    if dh is not None:
-        dh = dh.reshape(hidden.shape)
-    if dw is not None and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    return loss, dh, dw
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    def ce_rows(lg, y, ignore_index, grad, scale, row_scale, loss_out):
+        _ce.forward(lg, y, ignore_index, grad=grad, scale=scale, row_scale=row_scale, loss=loss_out)
+
+    return ChunkKernels(torch.float32, empty, default_chunk_size, ce_rows, _accumulate_dweight)
