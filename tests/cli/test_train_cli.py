@@ -1,10 +1,13 @@
 """`mmfuse train`, `mmfuse plot` and the demo pieces from the command line: a short run on the
-demo data, resume through the flag, config errors with exit status 2, and --help for each."""
+demo data, resume through the flag, config errors with exit status 2, Ctrl-C, and --help for each."""
 
 import json
-from pathlib import Path
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +74,42 @@ def test_run_summary_reports_preprocessing_cache_hits(demo, tmp_path, capsys):
     second = capsys.readouterr().out
     assert "preprocessing cache (rank 0):" in first and "miss" in first
     assert "hit" in second.split("preprocessing cache (rank 0):")[1]
+
+
+def test_ctrl_c_exits_130_and_leaves_a_loadable_latest_checkpoint(demo, tmp_path):
+    import mmfuse
+    from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
+    from mmfuse.train import checkpoint as ckpt
+    from mmfuse.train.optim import OptimizerConfig, build_optimizer
+
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(mmfuse.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
+    args = [demo.train_yaml, "--save-dir", str(save), "--no-progress", "--set", "training.seq_length=160"]
+    # A checkpoint every step, so the signal may well land inside a save.
+    proc = subprocess.Popen([sys.executable, "-m", "mmfuse", "train", *args, "--max-steps", "100000",
+                             "--save-interval", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240          # a guard against a broken run, not a speed requirement
+        while ckpt.latest_checkpoint(save) is None or ckpt.latest_checkpoint(save).name < ckpt.step_dir_name(2):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; the latest complete checkpoint is" in err and "--resume" in err
+    assert "Traceback" not in err
+
+    latest = ckpt.latest_checkpoint(save)
+    step = int(json.loads((latest / "trainer_state.json").read_text())["step"])
+    model = Qwen2_5_VL.from_pretrained(demo.model_dir)
+    restored = ckpt.load_checkpoint(latest, model, build_optimizer(model, OptimizerConfig()))
+    assert restored.step == step >= 2
+    assert main(["train", *args, "--max-steps", str(step + 1), "--resume"]) == 0
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step + 1
