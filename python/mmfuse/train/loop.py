@@ -169,7 +169,7 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
                 board.add_scalar(f"train/{key}", getattr(m, key), m.step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{m.loss:.4f}")
+            bar.set_postfix_str(f"loss {m.loss:.4f}, {m.tokens_per_s:,.0f} tok/s")   # tqdm adds step and ETA
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == t.max_steps:
             line = (f"step {m.step}/{t.max_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | grad {m.grad_norm:.3f}")
             if cfg.logging.log_tps:
