@@ -43,12 +43,60 @@ def test_config_errors_name_the_field_and_exit_2(demo, tmp_path, capsys):
     assert code == 2 and "model.freeze" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["train"], ["plot"], ["demo"], ["showcase"], ["data", "make-demo"]])
+def _commands(parser=None, prefix=()):
+    """Every sub-command path of the CLI, read from the parser itself (so a new one is covered)."""
+    import argparse
+
+    from mmfuse.cli.main import build_parser
+
+    parser = parser or build_parser()
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.append([*prefix, name])
+                out += _commands(sub, (*prefix, name))
+    return out
+
+
+def test_every_command_is_in_the_help_smoke_test():
+    assert sorted(map(tuple, _commands())) == sorted([
+        ("info",), ("demo",), ("showcase",), ("train",), ("plot",), ("data",), ("data", "llava2mllm"),
+        ("data", "check"), ("data", "make-demo"), ("plan",)])
+
+
+@pytest.mark.parametrize("command", [[]] + _commands(), ids=lambda c: " ".join(c) or "mmfuse")
 def test_help_explains_each_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([*command, "--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "usage:" in out and len(out) > 200
+
+
+def test_flags_set_the_metrics_file_and_seed_and_a_checkpoint_starts_a_new_run(demo, tmp_path, capsys):
+    common = [demo.train_yaml, "--no-progress", "--set", "training.seq_length=160"]
+    log = tmp_path / "elsewhere" / "m.jsonl"
+    log.parent.mkdir()
+    assert main(["train", *common, "--save-dir", str(tmp_path / "a"), "--max-steps", "2", "--seed", "5",
+                 "--log-jsonl", str(log)]) == 0
+    assert "done: steps 1-2, loss" in capsys.readouterr().out
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    run_a = (tmp_path / "a" / "run_config.yaml").read_text()
+    assert "seed: 5" in run_a and str(log) in run_a
+
+    # model.pretrained may name an mmfuse checkpoint: its model/ folder (like final/) is a complete
+    # HF folder with the tokenizer and processor files, so the data section finds them there too.
+    # The run equals the one from its model/ folder, not the one from the initial weights.
+    step2 = tmp_path / "a" / "step-00000002"
+    for folder in (step2 / "model", tmp_path / "a" / "final"):
+        assert (folder / "tokenizer.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    first_loss = {}
+    for name, start in (("ckpt", step2), ("hf", step2 / "model"), ("init", demo.model_dir)):
+        assert main(["train", *common, "--save-dir", str(tmp_path / name), "--max-steps", "1", "--seed", "5",
+                     "--set", f"model.pretrained={start}"]) == 0
+        first_loss[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text())["loss"]
+    assert first_loss["ckpt"] == first_loss["hf"] != first_loss["init"]
 
 
 def test_python_dash_m_is_the_same_cli():
