@@ -46,6 +46,8 @@ def test_groups_partition_the_world_and_dp_cp_joins_dp_and_cp():
     (dict(cp=2, cp_kind="allgather"), 2, "cp_kind must be one of ring, ulysses"),
     (dict(cp=8, cp_kind="ulysses"), 8, "must divide the query heads"),
     (dict(tp=0), 1, "parallel.tp must be an integer >= 1"),
+    (dict(tp_overlap_chunks=4), 1, "needs tp > 1 with sequence_parallel"),
+    (dict(tp=2, sequence_parallel=False, tp_overlap_chunks=4), 2, "needs tp > 1 with sequence_parallel"),
 ])
 def test_impossible_layouts_fail_with_the_reason(kw, world, match):
     with pytest.raises(ValueError, match=match):

@@ -58,7 +58,7 @@ class ParallelEngine:
         sp = layout.sequence_parallel and state.tp > 1
         for part in self._parts():
             if state.tp > 1:
-                apply_tensor_parallel(part, state.tp_group, sp)
+                apply_tensor_parallel(part, state.tp_group, sp, overlap_chunks=layout.tp_overlap_chunks)
         device = torch.device(cfg.training.device)
         dtype = getattr(torch, m.dtype)
         for part in self._parts():
