@@ -2,8 +2,11 @@
 and counted with file and index instead of stopping the run."""
 
 import json
+import logging
+import sys
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -13,7 +16,7 @@ from mmfuse.data.config import DataConfig, load_data_config
 from mmfuse.data.dataset import MLLMDataset
 from mmfuse.data.tokenizer import build_tiny_tokenizer
 from mmfuse.models.qwen2_5_vl.config import SMALL_VOCAB_SPECIAL_TOKENS
-from tests.data.fakes import FakeProcessor
+from tests.data.fakes import FakeAV, FakeProcessor
 
 DATA_JSON = {
     "dataset_param": {
@@ -163,3 +166,48 @@ def test_tokenizer_dir_overrides_model_name_or_path(tmp_path, tok):
                                 "tokenizer_dir": "tok", "cutoff_len": 256}, base_dir=tmp_path)
     assert cfg.model_dir == str(tmp_path / "tok")
     assert MLLMDataset(cfg, processor=FakeProcessor()).tokenizer.vocab_size == 512
+
+
+class _BrokenProcessor(FakeProcessor):
+    """Answers one image with two grids (mismatch) or raises (an odd image the processor chokes on)."""
+
+    def __call__(self, images=None, videos=None):
+        out = super().__call__(images=images, videos=videos)
+        if images and images[0].size == (112, 56):
+            raise RuntimeError("processor failed on this image")
+        if images and images[0].size == (84, 84):
+            out["image_grid_thw"] = torch.cat([out["image_grid_thw"]] * 2)
+        return out
+
+
+def test_every_media_and_processor_failure_is_skipped_and_counted_by_reason(tmp_path, tok, monkeypatch, caplog):
+    _write_dataset(tmp_path)
+    Image.new("RGB", (84, 84), (9, 9, 9)).save(tmp_path / "odd.png")
+    (tmp_path / "empty_clip").mkdir()
+    (tmp_path / "clip.mp4").write_bytes(b"video")
+    conv = [{"role": "user", "content": "<video>What colour is it?"}, {"role": "assistant", "content": "Red."}]
+    image = [{"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": "Red."}]
+    records = [{"images": ["odd.png"], "messages": image},                   # 0 processor_mismatch
+               {"images": ["blue.png"], "messages": image},                  # 1 processing_error
+               {"videos": ["empty_clip"], "messages": conv},                 # 2 unreadable_video
+               {"videos": ["clip.mp4"], "messages": conv},                   # 3 video_decoder_missing
+               {"videos": ["clip"], "messages": conv}]                       # 4 ok: a folder of frames
+    (tmp_path / "e.json").write_text(json.dumps(records))
+    monkeypatch.setitem(sys.modules, "av", None)          # PyAV not installed
+    cfg = DataConfig(dataset=["e.json"], dataset_dir=str(tmp_path), cutoff_len=256, cache_dir=str(tmp_path / "c"))
+    with caplog.at_level(logging.WARNING, logger="mmfuse.data.dataset"):
+        ds = MLLMDataset(cfg, tokenizer=tok, processor=_BrokenProcessor())
+    assert "1 video files in the dataset need PyAV" in caplog.text     # said at start-up
+    assert [ds.load(i) is None for i in range(5)] == [True, True, True, True, False]
+    assert dict(ds.report.counts) == {"processor_mismatch": 1, "processing_error": 1, "unreadable_video": 1,
+                                      "video_decoder_missing": 1}
+    assert ds.report.examples["video_decoder_missing"][0].where.endswith("e.json[3]")
+    assert "pip install av" in ds.report.format()
+
+    # The missing decoder is this installation's, not the sample's: it is not cached as a skip.
+    monkeypatch.setitem(sys.modules, "av", FakeAV(frames=4, seconds=2.0))
+    again = MLLMDataset(cfg, tokenizer=tok, processor=_BrokenProcessor())
+    video = again.load(3)
+    assert video is not None and video.video_grid_thw.tolist() == [[2, 4, 4]]
+    assert again.cache_stats["miss"] == 1
+    assert again.load(0) is None and again.cache_stats["hit"] == 1     # a data problem stays cached

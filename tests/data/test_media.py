@@ -1,9 +1,15 @@
-"""Image and video reading before the processor: MindSpeed-MM's pixel bounds and size fixes."""
+"""Image and video reading before the processor: MindSpeed-MM's pixel bounds and size fixes;
+video files through PyAV (a stand-in here), and a clear skip reason when PyAV is missing."""
+
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mmfuse.data.media import load_video, regularize_image, sample_indices
+from mmfuse.data.report import SampleError
+from tests.data.fakes import FakeAV
 
 
 def test_large_images_are_scaled_under_max_pixels_and_small_ones_over_min_pixels():
@@ -36,3 +42,31 @@ def test_frame_folders_are_sampled_to_maxlen_and_made_even(tmp_path):
     picked = sample_indices(100, 10.0, 2.0, 64)   # 10 s at 2 fps: 20 frames spread over 100
     assert len(picked) == 20 and picked[0] == 0 and picked[-1] == 99
     assert len(sample_indices(1000, 100.0, 2.0, 64)) == 64
+
+
+def test_video_file_without_pyav_is_a_skip_reason_that_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)   # `import av` raises ImportError
+    (tmp_path / "clip.mp4").write_bytes(b"video")
+    with pytest.raises(SampleError) as err:
+        load_video(tmp_path / "clip.mp4", 0, 10**6, fps=2.0, maxlen=64)
+    assert err.value.reason == "video_decoder_missing"
+    assert "pip install av" in err.value.detail and "folder of frame images" in err.value.detail
+
+
+def test_video_file_is_decoded_at_fps_up_to_maxlen_through_pyav(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", FakeAV(frames=20, seconds=10.0))
+    (tmp_path / "clip.mp4").write_bytes(b"video")
+    frames, rate = load_video(tmp_path / "clip.mp4", 0, 10**6, fps=1.0, maxlen=64)
+    # 10 s at 1 fps: 10 of the 20 frames, evenly spread; the rate is frames per second of video
+    assert [f.getpixel((0, 0))[0] // 10 for f in frames] == [0, 2, 4, 6, 8, 10, 12, 14, 16, 19]
+    assert rate == 1.0
+    frames, _ = load_video(tmp_path / "clip.mp4", 0, 10**6, fps=1.0, maxlen=5)
+    assert len(frames) == 6 and frames[-1] is frames[-2]     # 5 frames made even
+
+
+def test_corrupt_video_file_is_an_unreadable_video(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", FakeAV())
+    (tmp_path / "bad.mp4").write_bytes(b"garbage")
+    with pytest.raises(SampleError) as err:
+        load_video(tmp_path / "bad.mp4", 0, 10**6, fps=2.0, maxlen=64)
+    assert err.value.reason == "unreadable_video" and "bad.mp4" in err.value.detail

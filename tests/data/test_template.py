@@ -136,3 +136,16 @@ def test_generation_prompt_ends_with_the_assistant_header(tpl):
 def test_unknown_template_is_rejected(tpl):
     with pytest.raises(ValueError, match="qwen2vl"):
         get_template("llava", tpl.tokenizer)
+
+
+def test_sample_left_without_an_answer_token_is_rejected(tpl):
+    # a long prompt takes the whole budget: LLaMA-Factory's split leaves the answer 0 tokens
+    with pytest.raises(SampleError) as err:
+        tpl.encode(_conv("What colour is the shape? " * 20, "Red."), cutoff_len=8)
+    assert err.value.reason == "no_trainable_tokens"
+
+
+def test_grid_not_divisible_by_the_merge_size_is_rejected(tpl):
+    with pytest.raises(SampleError) as err:
+        tpl.encode(_conv("<image>What colour?", "Red."), image_grid_thw=[[1, 3, 4]])
+    assert err.value.reason == "bad_image_grid"

@@ -1,11 +1,14 @@
 """Layout arithmetic and validation: rank coordinates, groups, and the errors bad layouts give
 before any process-group work."""
 
+import datetime
+
 import pytest
+import torch.distributed as dist
 
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VLConfig
 from mmfuse.parallel.layout import ParallelLayout
-from mmfuse.parallel.state import coordinates, group_ranks, init_parallel, rank_of
+from mmfuse.parallel.state import backend_for, coordinates, group_ranks, init_parallel, rank_of
 
 
 def test_rank_order_is_tp_fastest_then_cp_dp_pp():
@@ -43,6 +46,8 @@ def test_groups_partition_the_world_and_dp_cp_joins_dp_and_cp():
     (dict(cp=2, cp_kind="allgather"), 2, "cp_kind must be one of ring, ulysses"),
     (dict(cp=8, cp_kind="ulysses"), 8, "must divide the query heads"),
     (dict(tp=0), 1, "parallel.tp must be an integer >= 1"),
+    (dict(tp_overlap_chunks=4), 1, "needs tp > 1 with sequence_parallel"),
+    (dict(tp=2, sequence_parallel=False, tp_overlap_chunks=4), 2, "needs tp > 1 with sequence_parallel"),
 ])
 def test_impossible_layouts_fail_with_the_reason(kw, world, match):
     with pytest.raises(ValueError, match=match):
@@ -75,3 +80,27 @@ def test_one_process_without_torchrun_gets_the_single_state(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     state = init_parallel(ParallelLayout(), "cpu")
     assert state.world_size == 1 and state.is_logging_rank and state.dp == 1
+
+
+def test_backend_follows_the_device_without_importing_its_plugin():
+    assert [backend_for(d) for d in ("cpu", "cuda", "cuda:3", "npu", "npu:1")] == \
+        ["gloo", "nccl", "nccl", "hccl", "hccl"]
+
+
+def test_configured_timeout_and_backend_reach_init_process_group(monkeypatch):
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    def fake_init(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise Joined      # stop before any real rendezvous
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(Joined):
+        init_parallel(ParallelLayout(tp=2, timeout_s=42.5), "cpu", Qwen2_5_VLConfig.preset("tiny"))
+    assert seen == {"backend": "gloo", "rank": 1, "world_size": 2, "timeout": datetime.timedelta(seconds=42.5)}
+

@@ -239,3 +239,50 @@ def test_cli_search_and_help(capsys):
         main(["plan", "--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "--zero1" in out and "--search" in out
+
+
+def _docs_rows():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "parallel.md").read_text()
+    table = text.split("### Qwen2.5-VL 7B and 72B on 8, 16 and 32 devices")[1]
+    return [line for line in table.splitlines() if re.match(r"\| (7|72)B × \d+ \|", line)]
+
+
+def _plan_json(argv, capsys):
+    assert main(argv) in (0, 1)          # 1: does not fit the default 80 GiB; the numbers still print
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("row", _docs_rows(), ids=lambda r: r.split("|")[1].strip() + r.split("`")[1])
+def test_docs_table_is_what_the_planner_prints(row, capsys):
+    import re
+    import shlex
+
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    size, world = re.match(r"(\d+)B × (\d+)", cells[0]).groups()
+    argv = ["plan", "--preset", f"{size}b", "--world", world, *shlex.split(cells[1].split("`")[1]),
+            "--seq-length", "4096", "--micro-batches", "16", "--json"]
+    plain = _plan_json(argv, capsys)
+    full = _plan_json(argv + ["--recompute", "full", "--recompute-vit", "full"], capsys)
+
+    def peak(r):
+        return max(s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"] + s["activation_bytes"]
+                   + s["workspace_bytes"] + s["reserve_bytes"] for s in r["stages"]) / 2 ** 30
+
+    def fits(gib):
+        return f"80 {'✓' if gib <= 80 else '✗'} · 141 {'✓' if gib <= 141 else '✗'}"
+
+    comm = " · ".join(f"{max(s['comm_bytes'][k] for s in plain['stages']) / 2 ** 30:.1f}" for k in ("tp", "cp", "pp", "dp"))
+    assert cells[2:] == [
+        str(plain["dp"]), f"{peak(plain):.1f} ({fits(peak(plain))})", f"{peak(full):.1f} ({fits(peak(full))})",
+        f"{100 * plain['bubble']:.1f} %", comm,
+        f"{plain['tokens_per_second_per_device']:,.0f} / {full['tokens_per_second_per_device']:,.0f}"]
+    if "(→" in cells[1]:                  # the split --balance chose
+        assert cells[1].split("(→ ")[1].rstrip(")") == ",".join(map(str, plain["layout"]["llm_pp_layers"]))
+
+
+def test_docs_table_has_the_7b_and_72b_rows_on_8_to_32_devices():
+    worlds = {(r.split("|")[1].split("×")[0].strip(), int(r.split("|")[1].split("×")[1])) for r in _docs_rows()}
+    assert {("7B", 8), ("7B", 16), ("7B", 32), ("72B", 8), ("72B", 16), ("72B", 32)} <= worlds

@@ -111,6 +111,7 @@ LAYOUTS = {
     "dp2_no_overlap": (2, dict(overlap_grad_reduce=False, bucket_mb=0.01)),
     "tp2": (2, dict(tp=2, sequence_parallel=False)),
     "tp2_sp": (2, dict(tp=2)),
+    "tp2_sp_overlap": (2, dict(tp=2, tp_overlap_chunks=2)),
     "pp2_1f1b": (2, dict(pp=2, vit_pp_layers=[4, 0], llm_pp_layers=[2, 2])),
     "pp2_vpp2": (2, dict(pp=2, vpp=2, vit_pp_layers=[2, 2, 0, 0], llm_pp_layers=[0, 1, 1, 2])),
     "cp2_ring": (2, dict(cp=2, cp_kind="ring")),

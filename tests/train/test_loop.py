@@ -1,7 +1,10 @@
 """The training loop: an interrupted and resumed run repeats the uninterrupted one bit for bit,
-gradient accumulation equals one big batch, and LoRA runs export adapters."""
+gradient accumulation equals one big batch, LoRA runs export adapters, and the console and
+TensorBoard show each step."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -125,3 +128,51 @@ def test_bf16_autocast_run_tracks_the_fp32_run(weights, tmp_path):
     bf16 = train(run, ListBatches(data), log=lambda s: None)
     for a, b in zip(fp32, bf16):
         assert b.loss == pytest.approx(a.loss, rel=2e-2)
+
+
+class _Writer:
+    """Records what the loop hands torch.utils.tensorboard.SummaryWriter."""
+    made: list["_Writer"] = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _Writer.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_every_steps_scalars_when_installed(weights, tmp_path, monkeypatch):
+    # A stand-in module: tensorboard is an optional extra, not a test dependency.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    _Writer.made.clear()
+    hist = train(_cfg(weights, tmp_path, 2), ListBatches([_micro(tiny_config(), 0)]), log=lambda s: None)
+    (w,) = _Writer.made
+    assert w.log_dir == str(tmp_path / "tensorboard") and w.closed
+    keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mem_peak_bytes")
+    assert [(tag, step) for tag, step, _ in w.scalars] == [(f"train/{k}", s) for s in (1, 2) for k in keys]
+    assert [v for tag, _, v in w.scalars if tag == "train/loss"] == [m.loss for m in hist]
+
+    off = _cfg(weights, tmp_path / "off", 1)
+    off.logging.tensorboard = False
+    train(off, ListBatches([_micro(tiny_config(), 0)]), log=lambda s: None)
+    assert len(_Writer.made) == 1
+
+
+def test_run_without_tensorboard_installed_trains_and_writes_no_event_folder(weights, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import raises ImportError
+    train(_cfg(weights, tmp_path, 1), ListBatches([_micro(tiny_config(), 0)]), log=lambda s: None)
+    assert (tmp_path / "final").is_dir() and not (tmp_path / "tensorboard").exists()
+
+
+def test_progress_bar_on_a_terminal_shows_step_loss_tokens_per_second_and_eta(weights, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = _cfg(weights, tmp_path, 3)
+    cfg.logging.progress = True
+    hist = train(cfg, ListBatches([_micro(tiny_config(), 0)]), log=lambda s: None)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "3/3" in bar and f"loss {hist[-1].loss:.4f}" in bar and "tok/s" in bar and "<00:00" in bar

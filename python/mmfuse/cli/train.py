@@ -135,6 +135,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         history = train(cfg, batches, state=state)
+    except KeyboardInterrupt:
+        # Ctrl-C: checkpoints are renamed into place only when complete, so `latest` still names a
+        # whole one even if the signal came during a save. Exit status 130, the shell's for SIGINT.
+        from mmfuse.train.checkpoint import latest_checkpoint
+        if state.rank == 0:
+            latest = latest_checkpoint(cfg.checkpoint.save_dir)
+            where = f"the latest complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            print(f"mmfuse train: interrupted; {where}; continue with --resume", file=sys.stderr)
+        return 130
     finally:
         destroy_parallel()
     if history and state.rank == 0:

@@ -20,7 +20,7 @@ import torch
 
 from mmfuse.data.cache import Fetched, SampleCache
 from mmfuse.data.config import DataConfig, load_data_config
-from mmfuse.data.media import load_image, load_video
+from mmfuse.data.media import DECODER_MISSING, load_image, load_video
 from mmfuse.data.mllm import MLLMSample, load_samples
 from mmfuse.data.packing import ProcessedSample
 from mmfuse.data.report import SampleError, SkipReport
@@ -69,6 +69,7 @@ class MLLMDataset:
         for path in config.dataset_files():
             self.samples += load_samples(path, config.attr, config.dataset_dir, check_files=True,
                                          max_samples=config.max_samples, report=self.report)
+        _warn_if_videos_need_pyav(self.samples)
         self._bad: set[int] = set()    # indices already counted as skipped (count each sample once)
         self.cache = (SampleCache(config.cache_dir, config, self.tokenizer, self.processor)
                       if config.cache_dir else None)
@@ -144,8 +145,9 @@ class MLLMDataset:
         if path is None:
             return fetched
         fetched.cache, fetched.cache_note = ("corrupt", corrupt) if corrupt else ("miss", "")
-        # Unexpected exceptions may be transient (a network file system hiccup): recompute those next run.
-        if fetched.skip is None or fetched.skip[0] != "processing_error":
+        # Unexpected exceptions may be transient (a network file system hiccup), and a missing video
+        # decoder is a property of this installation, not of the sample: recompute those next run.
+        if fetched.skip is None or fetched.skip[0] not in ("processing_error", DECODER_MISSING):
             failed = self.cache.put(path, fetched)
             if failed:
                 fetched.cache_note = failed
@@ -178,3 +180,16 @@ class MLLMDataset:
             item = self.load(i)
             if item is not None:
                 yield item
+
+
+def _warn_if_videos_need_pyav(samples: list[MLLMSample]) -> None:
+    """Say at start-up, not after an hour of skips, that video files will be skipped without PyAV."""
+    files = sum(1 for s in samples for v in s.videos if not Path(v).is_dir())
+    if not files:
+        return
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        log.warning("%d video files in the dataset need PyAV to decode (pip install av); without it each "
+                    "sample holding one is skipped and counted as %s (folders of frame images need nothing)",
+                    files, DECODER_MISSING)

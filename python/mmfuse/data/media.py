@@ -14,6 +14,7 @@ from PIL import Image
 from mmfuse.data.report import SampleError
 
 _FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DECODER_MISSING = "video_decoder_missing"   # skip reason of a video file when PyAV is not installed
 
 
 def regularize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
@@ -84,8 +85,10 @@ def _decode(path: Path, fps: float, maxlen: int) -> tuple[list[Image.Image], flo
     try:
         import av
     except ImportError:
-        raise SampleError("unreadable_video", f"{path}: decoding video files needs PyAV (pip install av); "
-                                              f"or give a folder of frame images") from None
+        # Its own reason, not "unreadable_video": the file may be fine, and the summary should say
+        # what to install. dataset.fetch_sample does not cache it (installing PyAV must take effect).
+        raise SampleError(DECODER_MISSING, f"{path}: decoding video files needs PyAV (pip install av), "
+                                           f"or give the video as a folder of frame images") from None
     try:
         with av.open(str(path), "r") as container:
             stream = next(s for s in container.streams if s.type == "video")

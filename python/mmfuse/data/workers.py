@@ -11,7 +11,7 @@ running (and may hold a CUDA context), and a forked child inherits locks held by
 whatever state they were in, which can deadlock it. Spawn costs one interpreter + torch import per
 worker (a few seconds, once per pass over the stream). ProcessPoolExecutor rather than
 multiprocessing.Pool: a worker killed by the OS (e.g. out of memory) raises BrokenProcessPool
-instead of hanging the run.
+instead of hanging the run; `load` turns it into WorkerDied, which names the sample and the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 
 import torch
@@ -59,6 +60,10 @@ def _unpack(result: tuple[bytes, str, str]) -> Fetched:
     return fetched
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result (killed by the OS, crashed in native code)."""
+
+
 class OrderedLoader:
     """`load(index)` for packed_stream, served by `num_workers` processes running ahead of `sampler`."""
 
@@ -68,6 +73,7 @@ class OrderedLoader:
                                shuffle=sampler.shuffle, num_epochs=sampler.num_epochs)
         ahead.load_state_dict(sampler.state_dict())
         self._upcoming = iter(ahead)
+        self._workers = num_workers
         self._window = num_workers * PREFETCH_PER_WORKER
         self._pending: deque[tuple[int, Future | None]] = deque()
         self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
@@ -83,6 +89,17 @@ class OrderedLoader:
             self._pending.append((index, future))
 
     def load(self, index: int) -> ProcessedSample | None:
+        try:
+            return self._load(index)
+        except BrokenProcessPool as exc:
+            raise WorkerDied(f"a data worker process died while preparing sample {index} "
+                             f"({self.dataset.samples[index].where}); the operating system ends a worker "
+                             f"this way when it runs out of memory (see `dmesg`). Fewer workers "
+                             f"(data.num_workers, now {self._workers}) or smaller image_max_pixels use "
+                             f"less; num_workers: 0 decodes in the training process. Resume with "
+                             f"--resume.") from exc
+
+    def _load(self, index: int) -> ProcessedSample | None:
         self._fill()
         if not self._pending:
             raise RuntimeError(f"sample {index} requested after the prefetching sampler ended")

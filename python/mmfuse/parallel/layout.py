@@ -22,6 +22,7 @@ class ParallelLayout:
     cp: int = 1                      # context parallel size (each sample's tokens split across ranks)
     cp_kind: str = "ring"            # ring (K/V passed around, causal load-balanced) | ulysses (all-to-all over heads)
     sequence_parallel: bool = True   # with tp > 1: norms and residuals hold T/tp tokens per rank
+    tp_overlap_chunks: int = 0       # > 1 (with SP): all-gather / reduce-scatter in this many chunks beside the GEMMs
     vit_pp_layers: list[int] = field(default_factory=list)  # ViT blocks per virtual stage (pp·vpp entries; [] = even)
     llm_pp_layers: list[int] = field(default_factory=list)  # decoder layers per virtual stage (pp·vpp entries; [] = even)
     zero1: bool = False              # shard optimizer state over data-parallel ranks (distributed optimizer)
@@ -42,6 +43,13 @@ class ParallelLayout:
             raise ValueError(f"parallel.cp_kind must be one of {', '.join(CP_KINDS)}, got {self.cp_kind!r}")
         if self.vpp > 1 and self.pp == 1:
             raise ValueError(f"parallel.vpp = {self.vpp} needs pipeline parallelism (pp > 1)")
+        if not isinstance(self.tp_overlap_chunks, int) or self.tp_overlap_chunks < 0:
+            raise ValueError(f"parallel.tp_overlap_chunks must be an integer >= 0 (0 or 1: no overlap), "
+                             f"got {self.tp_overlap_chunks!r}")
+        if self.tp_overlap_chunks > 1 and not (self.tp > 1 and self.sequence_parallel):
+            raise ValueError(f"parallel.tp_overlap_chunks = {self.tp_overlap_chunks} overlaps sequence-parallel "
+                             f"collectives: it needs tp > 1 with sequence_parallel (tp = {self.tp}, "
+                             f"sequence_parallel = {self.sequence_parallel})")
         if self.bucket_mb <= 0 or self.timeout_s <= 0:
             raise ValueError("parallel.bucket_mb and parallel.timeout_s must be > 0")
         per_replica = self.tp * self.pp * self.cp

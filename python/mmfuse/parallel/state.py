@@ -20,7 +20,8 @@ from mmfuse.parallel.layout import ParallelLayout
 
 def backend_for(device: str) -> str:
     """The collective backend for a device type: nccl (CUDA), hccl (Ascend), gloo (CPU)."""
-    kind = torch.device(device).type
+    # From the string: torch.device("npu") raises until torch_npu has registered the device type.
+    kind = str(device).split(":")[0]
     return {"cuda": "nccl", "npu": "hccl"}.get(kind, "gloo")
 
 
@@ -111,7 +112,7 @@ def init_parallel(layout: ParallelLayout, device: str = "cpu", model_cfg: Any | 
         state.layout = layout
         return state
     if not dist.is_initialized():
-        if torch.device(device).type == "cuda":
+        if backend_for(device) == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend_for(device), rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=layout.timeout_s))

@@ -30,6 +30,10 @@ from torch import nn
 from mmfuse.models.common.lora import LoRAConfig, load_adapters, lora_modules, save_adapters
 
 STEP_PREFIX = "step-"
+# Files of a Hugging Face model folder besides config.json and the weights: copied into each
+# checkpoint's model/ and into final/, so either is a folder a new run (or transformers) starts from.
+MODEL_ASSETS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
 
 
 @dataclass
@@ -57,17 +61,18 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], lora: LoRAConfig | None = None, save_optimizer: bool = True,
-                    save_rng: bool = True, keep_last: int = 0) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest keep_last (0 keeps all)."""
+                    save_rng: bool = True, keep_last: int = 0, assets: str | os.PathLike | None = None) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest keep_last (0 keeps all). `assets`: the
+    model folder whose tokenizer/processor files (MODEL_ASSETS) go into model/ too."""
     tensors = optimizer_tensors(model, optimizer) if save_optimizer else None
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return write_checkpoint(save_dir, step, model, tensors, groups, state, lora, save_rng, keep_last)
+    return write_checkpoint(save_dir, step, model, tensors, groups, state, lora, save_rng, keep_last, assets)
 
 
 def write_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module,
                      optimizer_state: dict[str, torch.Tensor] | None, param_groups: list[dict[str, Any]],
                      state: dict[str, Any], lora: LoRAConfig | None = None, save_rng: bool = True,
-                     keep_last: int = 0) -> Path:
+                     keep_last: int = 0, assets: str | os.PathLike | None = None) -> Path:
     """save_checkpoint from parts: the whole model, optimizer tensors by `name::key` (None: not saved)
     and the param groups' settings. A multi-rank run gathers these on one rank and calls this."""
     d = Path(save_dir)
@@ -81,6 +86,7 @@ def write_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module,
         save_adapters(model, tmp / "adapters", lora)
     else:
         model.save_pretrained(tmp / "model")
+        copy_model_assets(assets, tmp / "model")
     if optimizer_state is not None:
         save_file(optimizer_state, str(tmp / "optimizer.safetensors"))
     full_state = dict(state, step=step, param_groups=param_groups)
@@ -100,6 +106,16 @@ def write_checkpoint(save_dir: str | os.PathLike, step: int, model: nn.Module,
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def copy_model_assets(src: str | os.PathLike | None, dst: str | os.PathLike) -> None:
+    """Copy the MODEL_ASSETS that `src` has (and `dst` lacks) into `dst`."""
+    if src is None:
+        return
+    for name in MODEL_ASSETS:
+        f, to = Path(src) / name, Path(dst) / name
+        if f.is_file() and not to.exists():
+            shutil.copy2(f, to)
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,

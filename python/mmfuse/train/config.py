@@ -186,6 +186,13 @@ def weights_dir(pretrained: str) -> Path | None:
     return None
 
 
+def assets_dir(cfg: RunConfig) -> Path | None:
+    """The folder the run's tokenizer and preprocessor_config.json come from: data.tokenizer_dir,
+    data.model_name_or_path, else the weights' folder (train/batches.py reads them from there)."""
+    src = cfg.data.get("tokenizer_dir") or cfg.data.get("model_name_or_path") or weights_dir(cfg.model.pretrained)
+    return Path(src) if src else None
+
+
 def dump_run_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -64,15 +64,17 @@ class LocalEngine:
                           step_flops(self.model, micro, self._flop_params))
 
     def save(self, save_dir: Path, step: int, state: dict[str, Any], lora: LoRAConfig | None,
-             save_optimizer: bool, save_rng: bool, keep_last: int) -> Path:
+             save_optimizer: bool, save_rng: bool, keep_last: int, assets: Path | None = None) -> Path:
         return ckpt.save_checkpoint(save_dir, step, self.model, self.optimizer, state, lora=lora,
-                                    save_optimizer=save_optimizer, save_rng=save_rng, keep_last=keep_last)
+                                    save_optimizer=save_optimizer, save_rng=save_rng, keep_last=keep_last,
+                                    assets=assets)
 
     def load(self, path: Path, load_optimizer: bool, load_rng: bool) -> ckpt.Restored:
         return ckpt.load_checkpoint(path, self.model, self.optimizer, load_optimizer, load_rng)
 
-    def export(self, final: Path, lora: LoRAConfig | None) -> None:
+    def export(self, final: Path, lora: LoRAConfig | None, assets: Path | None = None) -> None:
         if lora is not None:
             ckpt.save_adapters(self.model, final / "adapters", lora)
         else:
             self.model.save_pretrained(final)
+            ckpt.copy_model_assets(assets, final)

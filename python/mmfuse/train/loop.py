@@ -21,7 +21,7 @@ from mmfuse.models.common.lora import apply_lora
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.models.qwen2_5_vl.freeze import freeze
 from mmfuse.train import checkpoint as ckpt
-from mmfuse.train.config import RunConfig, dump_run_config, weights_dir
+from mmfuse.train.config import RunConfig, assets_dir, dump_run_config, weights_dir
 from mmfuse.train.engine import LocalEngine
 from mmfuse.train.metrics import device_peak_tflops, peak_memory_bytes
 from mmfuse.train.optim import build_optimizer, lr_at, set_lr
@@ -142,7 +142,8 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
 
     def save(step: int) -> None:
         state_ = {"tokens_seen": tokens_seen, "data": batches.state_dict()}
-        path = engine.save(save_dir, step, state_, cfg.model.lora, c.save_optimizer, c.save_rng, c.keep_last)
+        path = engine.save(save_dir, step, state_, cfg.model.lora, c.save_optimizer, c.save_rng, c.keep_last,
+                           assets_dir(cfg))
         log(f"saved {path}")
 
     for step in range(start, t.max_steps):
@@ -169,7 +170,7 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
                 board.add_scalar(f"train/{key}", getattr(m, key), m.step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{m.loss:.4f}")
+            bar.set_postfix_str(f"loss {m.loss:.4f}, {m.tokens_per_s:,.0f} tok/s")   # tqdm adds step and ETA
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == t.max_steps:
             line = (f"step {m.step}/{t.max_steps} | loss {m.loss:.4f} | lr {m.lr:.2e} | grad {m.grad_norm:.3f}")
             if cfg.logging.log_tps:
@@ -192,7 +193,7 @@ def train(cfg: RunConfig, batches: BatchSource, log: Callable[[str], None] = pri
         save(t.max_steps)
     if c.export_hf:
         final = save_dir / "final"
-        engine.export(final, cfg.model.lora)
+        engine.export(final, cfg.model.lora, assets_dir(cfg))
         log(f"exported {final}")
     return history
 

@@ -58,7 +58,7 @@ class ParallelEngine:
         sp = layout.sequence_parallel and state.tp > 1
         for part in self._parts():
             if state.tp > 1:
-                apply_tensor_parallel(part, state.tp_group, sp)
+                apply_tensor_parallel(part, state.tp_group, sp, overlap_chunks=layout.tp_overlap_chunks)
         device = torch.device(cfg.training.device)
         dtype = getattr(torch, m.dtype)
         for part in self._parts():
@@ -185,7 +185,7 @@ class ParallelEngine:
         return {names[id(p)]: dict(st) for p, st in self.optimizer.state.items()}
 
     def save(self, save_dir: Path, step: int, state: dict[str, Any], lora: LoRAConfig | None,
-             save_optimizer: bool, save_rng: bool, keep_last: int) -> Path | None:
+             save_optimizer: bool, save_rng: bool, keep_last: int, assets: Path | None = None) -> Path | None:
         s = self.state
         weights, optim = {}, {}
         for part in self._parts():
@@ -203,7 +203,7 @@ class ParallelEngine:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             path = ckpt.write_checkpoint(save_dir, step, whole, full_o if save_optimizer else None, groups,
                                          dict(state, data_ranks=data, layout=self.describe()), None, save_rng,
-                                         keep_last)
+                                         keep_last, assets)
         dist.barrier()
         return path
 
@@ -232,7 +232,7 @@ class ParallelEngine:
             ckpt.set_rng(path, state)
         return ckpt.Restored(step=int(state["step"]), state=state)
 
-    def export(self, final: Path, lora: LoRAConfig | None) -> None:
+    def export(self, final: Path, lora: LoRAConfig | None, assets: Path | None = None) -> None:
         weights = {}
         for part in self._parts():
             weights.update(pckpt.full_tensors(part, None, self.state)[0])
@@ -242,6 +242,7 @@ class ParallelEngine:
                 whole = Qwen2_5_VL(self.model.cfg)
             whole.load_state_dict(gathered[0], strict=True, assign=True)
             whole.save_pretrained(final)
+            ckpt.copy_model_assets(assets, final)
         dist.barrier()
 
 
