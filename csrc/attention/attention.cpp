@@ -150,12 +150,60 @@ inline void micro_kernel_tail(int64_t rows, int64_t K, const float* A, int64_t a
   }
 }
 
-template <int NV>
+// Cache lines of some contiguous regions (the next key / value tile), prefetched into L2 a few at a time
+// between micro-kernel calls of the current tile's products: a burst would stall on the fill buffers.
+struct Prefetch {
+  const char* p[12];
+  int64_t len[12];
+  int n = 0, i = 0, per_call = 0;
+  int64_t off = 0;
+  void add(const void* s, int64_t bytes) {
+    if (n < 12 && bytes > 0) {
+      p[n] = static_cast<const char*>(s);
+      len[n++] = bytes;
+    }
+  }
+  int64_t lines() const {
+    int64_t t = 0;
+    for (int r = 0; r < n; ++r) t += (len[r] + 63) / 64;
+    return t;
+  }
+  void step() {
+    for (int l = 0; l < per_call && i < n; ++l) {
+      __builtin_prefetch(p[i] + off, 0, 2);
+      if ((off += 64) >= len[i]) {
+        ++i;
+        off = 0;
+      }
+    }
+  }
+};
+
+// The inner range [k0, k1) that rows [m, m + rows) of C need: all of K, or (KBand) the keys the mask leaves
+// visible to a block of query rows, so that a tile on the causal diagonal skips its hidden triangle. Only with
+// accumulate: rows whose range is empty are left as they are.
+struct FullK {
+  void operator()(int64_t, int64_t, int64_t K, int64_t& k0, int64_t& k1) const {
+    k0 = 0;
+    k1 = K;
+  }
+};
+
+template <int NV, typename KR>
 inline void gemm_block(int64_t M, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) micro_kernel<kMR, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
-  if (m < M) micro_kernel_tail<kMR - 1, NV>(M - m, K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
+                       float* C, int64_t ldc, bool accumulate, Prefetch* pf, const KR& kr) {
+  for (int64_t m = 0; m < M; m += kMR) {
+    const int64_t rows = std::min<int64_t>(kMR, M - m);
+    int64_t k0, k1;
+    kr(m, rows, K, k0, k1);
+    if (k1 <= k0) continue;
+    if (rows == kMR)
+      micro_kernel<kMR, NV>(k1 - k0, A + m * ars + k0 * aks, ars, aks, B + k0 * ldb, ldb, C + m * ldc, ldc, accumulate);
+    else
+      micro_kernel_tail<kMR - 1, NV>(rows, k1 - k0, A + m * ars + k0 * aks, ars, aks, B + k0 * ldb, ldb, C + m * ldc,
+                                     ldc, accumulate);
+    if (pf) pf->step();
+  }
 }
 
 // C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kVW (callers pad B and C with zeros); column blocks are
@@ -163,24 +211,26 @@ inline void gemm_block(int64_t M, int64_t K, const float* A, int64_t ars, int64_
 // computed, not 96).
 // Column block n0 / kNR of B starts bps floats after the previous one (kNR for a plain row-major B;
 // panel-packed operands store each kNR-wide block contiguously over K, bps = K * kNR, ldb = kNR).
-template <typename M_>
+template <typename M_, typename KR = FullK>
 void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_t aks, const M_* B, int64_t ldb,
-               M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR) {
+               M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR, Prefetch* pf = nullptr, const KR& kr = KR()) {
   if constexpr (std::is_same_v<M_, float>) {
     for (int64_t n0 = 0; n0 < N; n0 += kNR, B += bps - kNR) {
       if (N - n0 >= kNR)
-        gemm_block<2>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
+        gemm_block<2>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate, pf, kr);
       else
-        gemm_block<1>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
+        gemm_block<1>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate, pf, kr);
     }
   } else {  // fp64 (gradcheck only): plain loops
     for (int64_t m = 0; m < M; ++m) {
       M_* c = C + m * ldc;
       if (!accumulate)
         for (int64_t n = 0; n < N; ++n) c[n] = 0;
+      int64_t k0, k1;
+      kr(m / kMR * kMR, std::min<int64_t>(kMR, M - m / kMR * kMR), K, k0, k1);
       for (int64_t n0 = 0; n0 < N; n0 += kNR) {
         const int64_t nb = std::min<int64_t>(kNR, N - n0);
-        for (int64_t kk = 0; kk < K; ++kk) {
+        for (int64_t kk = k0; kk < k1; ++kk) {
           const M_ a = A[m * ars + kk * aks];
           const M_* b = B + (n0 / kNR) * bps + kk * ldb;
           for (int64_t n = 0; n < nb; ++n) c[n0 + n] += a * b[n];
@@ -200,6 +250,102 @@ inline float exp_or_zero(float x) {
   return bits_to_float(under ? 0u : float_to_bits(e));
 }
 inline double exp_or_zero(double x) { return std::exp(x); }
+
+// 2^x, exactly 0 below -125 (x = -inf: 0; no subnormal ever enters a product); the forward works in log2
+// units (Q scaled by scale * log2(e)), so its softmax needs no multiply by log2(e). 2^r on [-1/2, 1/2] by a
+// degree-6 minimax polynomial (relative error 2e-9, about 1 ulp after fp32 rounding). With AVX-512 the
+// reduction is one vreduceps and the scaling one masked vscalefps: 10 instructions per 16 exponentials
+// against 20 for exp_or_zero's (clamps, n / 2 split, two scale multiplies).
+inline vecf exp2_or_zero(vecf x) {
+  const auto poly = [](vecf r) {
+    vecf p = r * 1.534581242594868e-4f + 1.339993090368807e-3f;
+    p = p * r + 9.618489071726799e-3f;
+    p = p * r + 5.550328642129898e-2f;
+    p = p * r + 2.402264624834061e-1f;
+    p = p * r + 6.931471824645996e-1f;
+    return p * r + 1.0f;
+  };
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // x - round(x)
+  const __m512 n = _mm512_sub_ps(x, r);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);  // false for -inf, NaN
+  return _mm512_maskz_scalef_ps(keep, poly(r), n);
+#else
+  typedef int32_t vi __attribute__((vector_size(kVW * sizeof(int32_t))));
+  const vecf xc = x < -127.0f ? vecf{} - 127.0f : x;      // -inf: -127 (2^-127 becomes 0 below)
+  const vecf n = (xc + 12582912.0f) - 12582912.0f;       // round to nearest
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n, n in [-127, ..]: 0 for -127
+  vecf scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  const vecf y = poly(xc - n) * scale;
+  return x >= -125.0f ? y : vecf{};
+#endif
+}
+inline float exp2_or_zero(float x) {
+  vecf v{};
+  v[0] = x;
+  return exp2_or_zero(v)[0];
+}
+inline double exp2_or_zero(double x) { return std::exp2(x); }
+
+// A row's softmax reference (its running maximum) moves only when a tile's maximum exceeds it by more than
+// kLazy (log2 units, as FlashAttention-4): P entries up to 2^kLazy, no overflow, the same result, and most
+// tiles need no rescale of O.
+constexpr float kLazy = 8.0f;
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// One key tile's online-softmax step over query rows [r0, re) (r0 and re multiples of kVW; lanes past the
+// valid rows hold finite padding): St [nk][ld] holds S^T in log2 units and gets P^T = 2^(S^T - m); m (the
+// reference), l (the sums) are updated and alpha[r] (1: unchanged) is the factor for O's row r.
+template <typename M_>
+void softmax_tile(M_* St, int64_t ld, int64_t nk, int64_t r0, int64_t re, M_* m, M_* l, M_* mx, M_* sm,
+                  M_* alpha) {
+  constexpr M_ ninf = -std::numeric_limits<M_>::infinity();
+  if constexpr (std::is_same_v<M_, float>) {
+    for (int64_t r = r0; r < re; r += kVW) {
+      vecf x = vload(m + r);
+      for (int64_t c = 0; c < nk; ++c) {
+        const vecf s = vload(St + c * ld + r);
+        x = s > x ? s : x;
+      }
+      const vecf mo = vload(m + r);
+      const auto grow = x > mo + kLazy;  // m = -inf: any visible key; nothing visible yet: m stays -inf
+      const vecf mn = grow ? x : mo;
+      const vecf a = exp2_or_zero(mo - mn);  // 1 where unchanged; 0 where m was -inf (O and l are 0)
+      vstore(m + r, mn);
+      vstore(alpha + r, grow ? a : vecf{} + 1.0f);
+      vstore(mx + r, mn == ninf ? vecf{} : mn);  // the exponent's offset: every P entry of an unseen row is 0
+    }
+    for (int64_t r = r0; r < re; r += kVW) {
+      const vecf mu = vload(mx + r);
+      vecf acc{};
+      for (int64_t c = 0; c < nk; ++c) {
+        const vecf p = exp2_or_zero(vload(St + c * ld + r) - mu);
+        vstore(St + c * ld + r, p);
+        acc += p;
+      }
+      vstore(l + r, vload(l + r) * vload(alpha + r) + acc);
+    }
+    (void)sm;
+  } else {  // fp64 (gradcheck only)
+    for (int64_t r = r0; r < re; ++r) {
+      M_ x = m[r];
+      for (int64_t c = 0; c < nk; ++c) x = std::max(x, St[c * ld + r]);
+      const bool grow = x > m[r] + kLazy;
+      const M_ mn = grow ? x : m[r];
+      alpha[r] = grow ? exp2_or_zero(m[r] - mn) : M_(1);
+      m[r] = mn;
+      const M_ mu = mn == ninf ? M_(0) : mn;
+      sm[r] = 0;
+      for (int64_t c = 0; c < nk; ++c) {
+        M_& s = St[c * ld + r];
+        s = exp2_or_zero(s - mu);
+        sm[r] += s;
+      }
+      l[r] = l[r] * alpha[r] + sm[r];
+    }
+  }
+}
 
 // The visible key range of query row i of one sequence: [lo(i), hi(i)], both non-decreasing in i.
 struct SeqMask {
@@ -514,7 +660,8 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const T* v = static_cast<const T*>(a.v);
   T* out = static_cast<T*>(a.out);
   M_* lse_out = static_cast<M_*>(a.lse);
-  const M_ scale = static_cast<M_>(a.scale);
+  // Scores in log2 units: P = 2^(S - m) with no multiply per element; lse = ln 2 * (m + log2 l).
+  const M_ scale2 = static_cast<M_>(a.scale * kLog2e);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
   const int nt0 = resolve_threads(a.num_threads, a.total_q * Hq, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
   // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
@@ -528,11 +675,37 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const TileList tiles(a.cu_seqlens_q, a.batch, kFQ, plan);
   const int64_t long_items = tiles.count * Hq, items = long_items + plan.count;
   const int nt = static_cast<int>(std::min<int64_t>(nt0, std::max<int64_t>(items, 1)));
+  // The tiled path's key rows, numbered compactly (krow[b] + j for row j of sequence b), packed once per call
+  // (math type): K rows Kg [Hk][Tkl][D] and V panels Vg [Hk][Dpn / kNR][Tkl][kNR]. Copied per item out of the
+  // [T, H, D] inputs instead, each query tile re-read its head's K and V rows a page apart (10% of the forward
+  // at S 2048, H 16, D 128, and the copies were repeated for every query head of a GQA group).
+  std::unique_ptr<int64_t[]> krow(new int64_t[a.batch + 1]);
+  int64_t Tkl = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    krow[b] = Tkl;
+    if (!plan.is_short(b)) Tkl += a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b];
+  }
+  const int64_t npan = Dpn / kNR;
+  std::unique_ptr<M_[]> Kgb(new M_[Tkl > 0 ? Hk * Tkl * D : 1]), Vgb(new M_[Tkl > 0 ? Hk * npan * Tkl * kNR : 1]);
+  const TileList kchunks(a.cu_seqlens_k, a.batch, 64, plan);
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qtb(new M_[D * kFQ]()), Kb(new M_[kFK * D]()), Vb(new M_[kFK * Dpn]()),
-        Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]), lb(new M_[kFQ]), mxb(new M_[kFQ]),
+    {  // Kg, Vg: token-major reads (one token's heads are contiguous), Hk * (1 + npan) write streams.
+      std::unique_ptr<M_[]> rowb(new M_[Dpn]());
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < kchunks.count; ++t) {
+        const int64_t b = kchunks.seq[t], k0 = a.cu_seqlens_k[b], j0 = kchunks.row0[t];
+        const int64_t n = std::min<int64_t>(64, a.cu_seqlens_k[b + 1] - k0 - j0);
+        for (int64_t j = j0; j < j0 + n; ++j)
+          for (int64_t hk = 0; hk < Hk; ++hk) {
+            copy_row<T>(k + ((k0 + j) * Hk + hk) * D, Kgb.get() + (hk * Tkl + krow[b] + j) * D, D);
+            put_row_panels<T, M_>(v + ((k0 + j) * Hk + hk) * D, D, Dpn, Vgb.get() + (hk * npan * Tkl + krow[b] + j) * kNR,
+                                  Tkl * kNR, rowb.get());
+          }
+      }
+    }
+    std::unique_ptr<M_[]> Qtb(new M_[D * kFQ]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]), lb(new M_[kFQ]), mxb(new M_[kFQ]),
         mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
         stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
     M_ *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(), *mu = mub.get(),
@@ -544,9 +717,9 @@ void fwd_kernel(const AttentionFwdArgs& a) {
     // plain rows in the short one). Writes lse, and the output rows to out or, when os is set, to os[r * lds]
     // (the short path's token-major staging).
     auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
-                      auto&& kv_tile, M_* os, int64_t lds) {
-      const int64_t nip = round_up(ni, kNR);
-      for (int64_t r = 0; r < ni; ++r) {
+                      auto&& kv_tile, M_* os, int64_t lds, bool prefetch) {
+      const int64_t nip = round_up(ni, kNR), nie = round_up(ni, kVW);
+      for (int64_t r = 0; r < nie; ++r) {
         m[r] = ninf;
         l[r] = 0;
       }
@@ -561,51 +734,57 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
         // a multiple of kNR so that the S^T product starts at a Q^T panel.
         const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
-        gemm_tile<M_>(nk, nip - rs, D, Kp, D, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR);  // S^T [nk x ni]
-        if (!full) {
-          for (int64_t r = rs; r < ni; ++r) {
-            const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
-            for (int64_t c = 0; c < nk; ++c)
-              if (c < lo || c > hi) St[c * kFQ + r] = ninf;
+        Prefetch pf;
+        if (prefetch && j0 + kFK < kend) {  // the next tile, spread over the S^T product's calls
+          const int64_t nk2 = std::min<int64_t>(kFK, kend - j0 - kFK);
+          const M_ *Kn, *Vn;
+          int64_t vld2, vbps2;
+          kv_tile(j0 + kFK, nk2, Kn, Vn, vld2, vbps2);
+          pf.add(Kn, nk2 * D * int64_t(sizeof(M_)));
+          for (int64_t p = 0; p < Dpn; p += kNR) pf.add(Vn + p / kNR * vbps2, nk2 * vld2 * int64_t(sizeof(M_)));
+          const int64_t calls = (nip - rs) / kNR * (nk / kMR);
+          pf.per_call = static_cast<int>(calls > 0 ? (pf.lines() + calls - 1) / calls : 0);
+        }
+        if (full) {
+          gemm_tile<M_>(nk, nip - rs, D, Kp, D, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR, &pf);  // S^T [nk x ni]
+        } else {
+          // Per panel of kNR query rows only the keys some row of it sees, [lo(first row), hi(last row)] (the
+          // causal diagonal's hidden triangle is skipped); the rest of St is masked below.
+          for (int64_t n0 = rs; n0 < nip; n0 += kNR) {
+            const int64_t c0 = std::max<int64_t>(0, mask.lo(i0 + n0) - j0);
+            const int64_t c1 = std::min<int64_t>(nk, mask.hi(i0 + std::min<int64_t>(ni, n0 + kNR) - 1) - j0 + 1);
+            if (c1 > c0)
+              gemm_tile<M_>(c1 - c0, kNR, D, Kp + c0 * D, D, 1, Qt + n0 * D, kNR, St + c0 * kFQ + n0, kFQ, false,
+                            D * kNR, &pf);
+          }
+          // Key c is seen by query rows [first_row(j0 + c), last_row(j0 + c + 1)) of the sequence.
+          for (int64_t c = 0; c < nk; ++c) {
+            M_* s = St + c * kFQ;
+            const int64_t va = std::min<int64_t>(ni, std::max<int64_t>(rs, mask.first_row(j0 + c) - i0));
+            const int64_t vb = std::max<int64_t>(va, std::min<int64_t>(ni, mask.last_row(j0 + c + 1) - i0));
+            for (int64_t r = rs; r < va; ++r) s[r] = ninf;
+            for (int64_t r = vb; r < ni; ++r) s[r] = ninf;
           }
         }
-        // Column (= query row) maxima and sums, vectorised over the query rows.
-        for (int64_t r = rs; r < ni; ++r) mx[r] = m[r];
-        for (int64_t c = 0; c < nk; ++c) {
-          const M_* s = St + c * kFQ;
-#pragma omp simd
-          for (int64_t r = rs; r < ni; ++r) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
-        }
-#pragma omp simd
-        for (int64_t r = rs; r < ni; ++r) {
-          mu[r] = mx[r] == ninf ? M_(0) : mx[r];  // nothing visible yet: every P entry is exp(-inf) = 0
-          sm[r] = 0;
-        }
-        for (int64_t c = 0; c < nk; ++c) {
-          M_* s = St + c * kFQ;
-#pragma omp simd
-          for (int64_t r = rs; r < ni; ++r) {
-            const M_ p = exp_or_zero(s[r] - mu[r]);
-            s[r] = p;
-            sm[r] += p;
-          }
-        }
-        for (int64_t r = rs; r < ni; ++r) {
-          if (m[r] == ninf) {  // the first visible tile: O and l are still 0
-            l[r] = sm[r];
-            m[r] = mx[r];
-          } else if (m[r] != mx[r]) {
-            const M_ alpha = std::exp(m[r] - mx[r]);
+        // Online softmax, vectorised over the query rows (columns of St); O's rows rescaled where the
+        // reference moved.
+        softmax_tile<M_>(St, kFQ, nk, rs, nie, m, l, mx, sm, mu);
+        for (int64_t r = rs; r < ni; ++r)
+          if (mu[r] != M_(1)) {
+            const M_ alpha = mu[r];
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-            l[r] = l[r] * alpha + sm[r];
-            m[r] = mx[r];
-          } else {
-            l[r] += sm[r];
           }
+        if (full) {
+          gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
+        } else {  // a block of query rows takes only the keys it sees (P is 0 elsewhere: exact)
+          const auto band = [&](int64_t m, int64_t rows, int64_t, int64_t& k0, int64_t& k1) {
+            k0 = std::max<int64_t>(0, mask.lo(i0 + rs + m) - j0);
+            k1 = std::min<int64_t>(nk, mask.hi(i0 + rs + m + rows - 1) - j0 + 1);
+          };
+          gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps, nullptr, band);
         }
-        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
@@ -616,7 +795,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         } else {
           for (int64_t c = 0; c < D; ++c) o[c] = 0;
         }
-        lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
+        lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? (m[r] + std::log2(l[r])) * M_(kLn2) : ninf;
       }
       if (os)
         for (int64_t r = 0; r < ni; ++r) copy_row<M_>(O + r * Dp, os + r * lds, D);
@@ -633,16 +812,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
         const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
         // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
-        pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale);
+        pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale2);
         attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
-          // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
-          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), D, M_(1));
-          pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dpn, Vb.get(), rowb.get());
-          Kp = Kb.get();
-          Vp = Vb.get();
+          Kp = Kgb.get() + (hk * Tkl + krow[b] + j0) * D;
+          Vp = Vgb.get() + (hk * npan * Tkl + krow[b] + j0) * kNR;
           vld = kNR;
-          vbps = nk * kNR;
-        }, nullptr, 0);
+          vbps = Tkl * kNR;
+        }, nullptr, 0, true);
         continue;
       }
       // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q^T, K, V of every head of the chunk
@@ -657,7 +833,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][lk x Dp]
       M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
       for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
-        put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale);
+        put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale2);
       });
       for_rows_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
         put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
@@ -675,7 +851,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
                    Vp = Vh + j0 * Dp;
                    vld = Dp;
                    vbps = kNR;
-                 }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D);
+                 }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D, false);
       }
       store_rows_of_heads<T, M_>(Os, q0, lq, Hq, hq0, hq1, D, out, M_(1));
     }
