@@ -75,6 +75,7 @@ namespace {
 
 constexpr int64_t kBQ = 96;   // backward: query rows per tile
 constexpr int64_t kBK = 128;  // backward: key rows per tile (a multiple of kNR)
+constexpr int64_t kBKp = kBK + 16;  // backward: leading dimension of S, dP, K^T, V^T tiles (see ldr)
 constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR)
 constexpr int64_t kFK = 144;  // forward: key rows per tile
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
@@ -863,6 +864,10 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   using M_ = math_t<T>;
   const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk, Tq = a.total_q;
   const int64_t Dp = round_up(D, kVW), Dpn = round_up(D, kNR);
+  // Leading dimensions of the tiled path's row buffers: an odd number of vectors, so that the kNR-wide column
+  // blocks a product reads down a B operand do not all fall in the same few L1 sets (512-byte rows map to 16 of
+  // the 64 sets).
+  const int64_t ldr = (Dp / kVW) % 2 ? Dp : Dp + kVW;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -946,9 +951,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
     }
     const bool tiled = kitems > 0;
-    std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * Dp : 1]()), Gb(new M_[tiled ? kBQ * Dp : 1]()),
-        Kb(new M_[tiled && dq_in_pass1 ? kBK * Dp : 1]()), Ktb(new M_[tiled ? D * kBK : 1]()),
-        Vtb(new M_[tiled ? D * kBK : 1]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+    std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * ldr : 1]()), Gb(new M_[tiled ? kBQ * ldr : 1]()),
+        Kb(new M_[tiled && dq_in_pass1 ? kBK * ldr : 1]()), Ktb(new M_[tiled ? D * kBKp : 1]()),
+        Vtb(new M_[tiled ? D * kBKp : 1]()), Sb(new M_[kBQ * kBKp]()), dPb(new M_[kBQ * kBKp]()),
         dKb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()),
         dVb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()), dQb(new M_[plan.max_lq * Dp + 1]()),
         rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
@@ -960,22 +965,44 @@ void bwd_kernel(const AttentionBwdArgs& a) {
     // at j0 (ld Dp; nullptr: no dQ); dK_, dV_ at row j0, dQ_ at row i0 (ld Dp).
     auto products = [&](const SeqMask& mask, int64_t i0, int64_t ni, int64_t j0, int64_t nk, const M_* Q,
                         const M_* G, int64_t ldq, const M_* Kt_, const M_* Vt_, int64_t ldkt, const M_* Kr,
-                        const M_* lse_r, const M_* dv_r, M_* dK_, M_* dV_, M_* dQ_) {
+                        int64_t ldkr, const M_* lse_r, const M_* dv_r, M_* dK_, M_* dV_, M_* dQ_) {
       const int64_t nkp = round_up(nk, kNR);
       const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-      gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt_, ldkt, S, kBK, false);
-      probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-      gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, ldq, dV_, Dp, true);      // dV += P^T dO
-      gemm_tile<M_>(ni, nkp, D, G, ldq, 1, Vt_, ldkt, dP, kBK, false);  // dP = dO V^T
+      // [ni x nk] products: on a tile the mask crosses, per kNR-wide block of keys only the query rows that see
+      // one of them (the causal diagonal's hidden triangle is skipped; probabilities() zeroes the rest of P).
+      const auto rows_by_keys = [&](const M_* A, const M_* B, M_* C) {
+        if (full) return gemm_tile<M_>(ni, nkp, D, A, ldq, 1, B, ldkt, C, kBKp, false);
+        for (int64_t n0 = 0; n0 < nkp; n0 += kNR) {
+          const int64_t r0 = std::max<int64_t>(0, mask.first_row(j0 + n0) - i0);
+          const int64_t r1 = std::min<int64_t>(ni, mask.last_row(j0 + std::min<int64_t>(nk, n0 + kNR)) - i0);
+          if (r1 > r0) gemm_tile<M_>(r1 - r0, kNR, D, A + r0 * ldq, ldq, 1, B + n0, ldkt, C + r0 * kBKp + n0, kBKp, false);
+        }
+      };
+      // Accumulating products over the query rows (C rows = keys) or the keys (C rows = query rows): each block of
+      // C rows takes only the inner range its rows see (P and dS are 0 elsewhere: exact).
+      const auto by_key_rows = [&](int64_t m, int64_t rows, int64_t K, int64_t& k0, int64_t& k1) {
+        k0 = full ? 0 : std::max<int64_t>(0, mask.first_row(j0 + m) - i0);
+        k1 = full ? K : std::min<int64_t>(K, mask.last_row(j0 + m + rows) - i0);
+      };
+      const auto by_query_rows = [&](int64_t m, int64_t rows, int64_t K, int64_t& k0, int64_t& k1) {
+        k0 = full ? 0 : std::max<int64_t>(0, mask.lo(i0 + m) - j0);
+        k1 = full ? K : std::min<int64_t>(K, mask.hi(i0 + m + rows - 1) - j0 + 1);
+      };
+      rows_by_keys(Q, Kt_, S);
+      probabilities<M_>(S, kBKp, lse_r, ni, nk, i0, j0, mask, full);
+      gemm_tile<M_>(nk, Dp, ni, S, 1, kBKp, G, ldq, dV_, Dp, true, kNR, nullptr, by_key_rows);  // dV += P^T dO
+      rows_by_keys(G, Vt_, dP);                                                                  // dP = dO V^T
       for (int64_t r = 0; r < ni; ++r) {
-        M_* d = dP + r * kBK;
-        const M_* p = S + r * kBK;
+        M_* d = dP + r * kBKp;
+        const M_* p = S + r * kBKp;
         const M_ dvr = dv_r[r];
+        const int64_t lo = full ? 0 : mask.lo(i0 + r) - j0, hi = full ? nk - 1 : mask.hi(i0 + r) - j0;
 #pragma omp simd
-        for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
+        for (int64_t c = 0; c < nk; ++c) d[c] = c >= lo && c <= hi ? p[c] * (d[c] - dvr) : M_(0);  // dS
       }
-      gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK_, Dp, true);     // dK += dS^T Q (scaled on store)
-      if (Kr) gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, Dp, dQ_, Dp, true);  // dQ += dS K (scaled on store)
+      gemm_tile<M_>(nk, Dp, ni, dP, 1, kBKp, Q, ldq, dK_, Dp, true, kNR, nullptr, by_key_rows);  // dK += dS^T Q
+      if (Kr)  // dQ += dS K (both scaled on store)
+        gemm_tile<M_>(ni, Dp, nk, dP, kBKp, 1, Kr, ldkr, dQ_, Dp, true, kNR, nullptr, by_query_rows);
     };
 
     // static round-robin, not dynamic: which thread's dQ partial an item lands in must not depend
@@ -986,19 +1013,19 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0);
-      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), scale);
-      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
-      if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
+      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBKp, tmpb.get(), scale);
+      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBKp, tmpb.get(), M_(1));
+      if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), ldr, M_(1));
       std::memset(dK, 0, sizeof(M_) * nk * Dp);
       std::memset(dV, 0, sizeof(M_) * nk * Dp);
       const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
-          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
-          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
+          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), ldr, M_(1));
+          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), ldr, M_(1));
           const int64_t lr = h * Tl + lrow[b] + i0;
-          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), Dp, Kt, Vt, kBK, dq_in_pass1 ? Kb.get() : nullptr,
+          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), ldr, Kt, Vt, kBKp, dq_in_pass1 ? Kb.get() : nullptr, ldr,
                    lse + h * Tq + q0 + i0, Dv.get() + lr, dK, dV, dq_in_pass1 ? dQacc + lr * Dp : nullptr);
         }
       store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
@@ -1062,7 +1089,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
             const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
             for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ)
               products(mask, i0, std::min<int64_t>(kBQ, iend - i0), j0, nk, Qh + i0 * Dp, Gh + i0 * Dp, Dp,
-                       Kth + j0, Vth + j0, lkp, Krh + j0 * Dp, lse + h * Tq + q0 + i0, Dvh + i0, dK + j0 * Dp,
+                       Kth + j0, Vth + j0, lkp, Krh + j0 * Dp, Dp, lse + h * Tq + q0 + i0, Dvh + i0, dK + j0 * Dp,
                        dV + j0 * Dp, dQ + i0 * Dp);
           }
           unstage(dQ, lq, dQs + (h - hq0) * D, (hq1 - hq0) * D);
@@ -1100,8 +1127,8 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   const int64_t qitems = qtiles.count * Hq;
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[D * kBK]()),
-        Kb(new M_[kBK * Dp]()), Vtb(new M_[D * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * ldr]()), Gb(new M_[kBQ * ldr]()), Ktb(new M_[D * kBKp]()),
+        Kb(new M_[kBK * ldr]()), Vtb(new M_[D * kBKp]()), Sb(new M_[kBQ * kBKp]()), dPb(new M_[kBQ * kBKp]()),
         dQb(new M_[kBQ * Dp]()), tmpb(new M_[kVW * Dpn]());
     M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *K = Kb.get(), *Vt = Vtb.get(), *S = Sb.get(),
        *dP = dPb.get(), *dQ = dQb.get();
@@ -1111,8 +1138,8 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t i0 = qtiles.row0[t], ni = std::min<int64_t>(kBQ, mask.lq - i0);
-      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
-      load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
+      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, ldr, scale);
+      load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, ldr, M_(1));
       std::memset(dQ, 0, sizeof(M_) * ni * Dp);
       const M_* lse_r = lse + h * Tq + q0 + i0;
       const M_* dv_r = Dv.get() + h * Tl + lrow[b] + i0;
@@ -1120,20 +1147,20 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
         const int64_t nk = std::min<int64_t>(kBK, kend - j0), nkp = round_up(nk, kNR);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), M_(1));
-        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, Dp, M_(1));
-        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
-        gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
-        probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-        gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);
+        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBKp, tmpb.get(), M_(1));
+        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, ldr, M_(1));
+        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBKp, tmpb.get(), M_(1));
+        gemm_tile<M_>(ni, nkp, D, Q, ldr, 1, Kt, kBKp, S, kBKp, false);
+        probabilities<M_>(S, kBKp, lse_r, ni, nk, i0, j0, mask, full);
+        gemm_tile<M_>(ni, nkp, D, G, ldr, 1, Vt, kBKp, dP, kBKp, false);
         for (int64_t r = 0; r < ni; ++r) {
-          M_* d = dP + r * kBK;
-          const M_* p = S + r * kBK;
+          M_* d = dP + r * kBKp;
+          const M_* p = S + r * kBKp;
           const M_ dvr = dv_r[r];
 #pragma omp simd
           for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
         }
-        gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, K, Dp, dQ, Dp, true);  // dQ += dS K
+        gemm_tile<M_>(ni, Dp, nk, dP, kBKp, 1, K, ldr, dQ, Dp, true);  // dQ += dS K
       }
       store_rows<T, M_>(dQ, Dp, q0 + i0, ni, Hq, h, D, dq, scale);
     }
