@@ -77,7 +77,7 @@ constexpr int64_t kBQ = 96;   // backward: query rows per tile
 constexpr int64_t kBK = 128;  // backward: key rows per tile (a multiple of kNR)
 constexpr int64_t kBKp = kBK + 16;  // backward: leading dimension of S, dP, K^T, V^T tiles (see ldr)
 constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR)
-constexpr int64_t kFK = 144;  // forward: key rows per tile
+constexpr int64_t kFK = 224;  // forward: key rows per tile (a multiple of kNR)
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
 // Short-sequence path: sequences of at most kShortLen query and key rows are staged (all their heads, or a
 // chunk of kv heads whose operands fit kStageBytes). 768 KiB, 3/8 of the 2 MiB L2 this was tuned on, leaves
@@ -110,7 +110,7 @@ inline vecf vload(const float* p) {
 }
 inline void vstore(float* p, vecf v) { std::memcpy(p, &v, sizeof v); }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // C[R x NV*kVW] (+)= A[R x K] B[K x NV*kVW]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
 // read transposed), B rows are ldb apart, C rows ldc apart.
@@ -295,56 +295,46 @@ inline double exp2_or_zero(double x) { return std::exp2(x); }
 constexpr float kLazy = 8.0f;
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
-// One key tile's online-softmax step over query rows [r0, re) (r0 and re multiples of kVW; lanes past the
-// valid rows hold finite padding): St [nk][ld] holds S^T in log2 units and gets P^T = 2^(S^T - m); m (the
-// reference), l (the sums) are updated and alpha[r] (1: unchanged) is the factor for O's row r.
+// One key tile's online-softmax step for one query row: s [n] (n a multiple of kVW, -inf where hidden) holds the
+// scores in log2 units and gets P = 2^(s - m); m (the row's reference) moves to the tile's maximum only when
+// that exceeds it by more than kLazy, alpha is then the factor for the row's O and sum (1: unchanged). Returns
+// the sum of P.
 template <typename M_>
-void softmax_tile(M_* St, int64_t ld, int64_t nk, int64_t r0, int64_t re, M_* m, M_* l, M_* mx, M_* sm,
-                  M_* alpha) {
+M_ softmax_row(M_* s, int64_t n, M_& m, M_& alpha) {
   constexpr M_ ninf = -std::numeric_limits<M_>::infinity();
   if constexpr (std::is_same_v<M_, float>) {
-    for (int64_t r = r0; r < re; r += kVW) {
-      vecf x = vload(m + r);
-      for (int64_t c = 0; c < nk; ++c) {
-        const vecf s = vload(St + c * ld + r);
-        x = s > x ? s : x;
-      }
-      const vecf mo = vload(m + r);
-      const auto grow = x > mo + kLazy;  // m = -inf: any visible key; nothing visible yet: m stays -inf
-      const vecf mn = grow ? x : mo;
-      const vecf a = exp2_or_zero(mo - mn);  // 1 where unchanged; 0 where m was -inf (O and l are 0)
-      vstore(m + r, mn);
-      vstore(alpha + r, grow ? a : vecf{} + 1.0f);
-      vstore(mx + r, mn == ninf ? vecf{} : mn);  // the exponent's offset: every P entry of an unseen row is 0
+    vecf x = vecf{} + ninf;
+    for (int64_t c = 0; c < n; c += kVW) {
+      const vecf v = vload(s + c);
+      x = v > x ? v : x;
     }
-    for (int64_t r = r0; r < re; r += kVW) {
-      const vecf mu = vload(mx + r);
-      vecf acc{};
-      for (int64_t c = 0; c < nk; ++c) {
-        const vecf p = exp2_or_zero(vload(St + c * ld + r) - mu);
-        vstore(St + c * ld + r, p);
-        acc += p;
-      }
-      vstore(l + r, vload(l + r) * vload(alpha + r) + acc);
+    float mx = x[0];
+    for (int i = 1; i < kVW; ++i) mx = x[i] > mx ? x[i] : mx;
+    if (mx > m + kLazy) {  // m = -inf: any visible key; nothing visible yet: m stays -inf
+      alpha = exp2_or_zero(m - mx);  // 0 where m was -inf (O and l are 0)
+      m = mx;
     }
-    (void)sm;
+    const vecf mu = vecf{} + (m == ninf ? 0.0f : m);  // an unseen row: every P entry is 2^-inf = 0
+    vecf acc{};
+    for (int64_t c = 0; c < n; c += kVW) {
+      const vecf p = exp2_or_zero(vload(s + c) - mu);
+      vstore(s + c, p);
+      acc += p;
+    }
+    float sum = 0;
+    for (int i = 0; i < kVW; ++i) sum += acc[i];
+    return sum;
   } else {  // fp64 (gradcheck only)
-    for (int64_t r = r0; r < re; ++r) {
-      M_ x = m[r];
-      for (int64_t c = 0; c < nk; ++c) x = std::max(x, St[c * ld + r]);
-      const bool grow = x > m[r] + kLazy;
-      const M_ mn = grow ? x : m[r];
-      alpha[r] = grow ? exp2_or_zero(m[r] - mn) : M_(1);
-      m[r] = mn;
-      const M_ mu = mn == ninf ? M_(0) : mn;
-      sm[r] = 0;
-      for (int64_t c = 0; c < nk; ++c) {
-        M_& s = St[c * ld + r];
-        s = exp2_or_zero(s - mu);
-        sm[r] += s;
-      }
-      l[r] = l[r] * alpha[r] + sm[r];
+    M_ mx = ninf;
+    for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c]);
+    if (mx > m + kLazy) {
+      alpha = exp2_or_zero(m - mx);
+      m = mx;
     }
+    const M_ mu = m == ninf ? M_(0) : m;
+    M_ sum = 0;
+    for (int64_t c = 0; c < n; ++c) sum += (s[c] = exp2_or_zero(s[c] - mu));
+    return sum;
   }
 }
 
@@ -665,9 +655,9 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const M_ scale2 = static_cast<M_>(a.scale * kLog2e);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
   const int nt0 = resolve_threads(a.num_threads, a.total_q * Hq, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
-  // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
-  const auto stage_q = [&](int64_t lq) { return stage_size(round_up(lq, kNR) * D); };
-  const auto stage_k = [&](int64_t lk) { return stage_size(lk * D); };
+  // Short path, staged per kv head: its query heads' scaled Q rows, K^T panels, V rows.
+  const auto stage_q = [&](int64_t lq) { return stage_size(lq * D); };
+  const auto stage_k = [&](int64_t lk) { return stage_size(round_up(lk, kNR) * D); };
   const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dp); };
   const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
   const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
@@ -676,15 +666,15 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const TileList tiles(a.cu_seqlens_q, a.batch, kFQ, plan);
   const int64_t long_items = tiles.count * Hq, items = long_items + plan.count;
   const int nt = static_cast<int>(std::min<int64_t>(nt0, std::max<int64_t>(items, 1)));
-  // The tiled path's key rows, numbered compactly (krow[b] + j for row j of sequence b), packed once per call
-  // (math type): K rows Kg [Hk][Tkl][D] and V panels Vg [Hk][Dpn / kNR][Tkl][kNR]. Copied per item out of the
-  // [T, H, D] inputs instead, each query tile re-read its head's K and V rows a page apart (10% of the forward
-  // at S 2048, H 16, D 128, and the copies were repeated for every query head of a GQA group).
+  // The tiled path's keys, packed once per call (math type) in kNR-key panels, each sequence starting a panel
+  // (krow[b]: its first key's slot): K^T panels Ktg [Hk][Tkl / kNR][D][kNR] (keys past a sequence's end are
+  // zeros) and V panels Vg [Hk][Dpn / kNR][Tkl][kNR]. Copied per item out of the [T, H, D] inputs instead, each
+  // query tile re-read its head's K and V rows a page apart, again for every query head of a GQA group.
   std::unique_ptr<int64_t[]> krow(new int64_t[a.batch + 1]);
   int64_t Tkl = 0;
   for (int64_t b = 0; b < a.batch; ++b) {
     krow[b] = Tkl;
-    if (!plan.is_short(b)) Tkl += a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b];
+    if (!plan.is_short(b)) Tkl += round_up(a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b], kNR);
   }
   const int64_t npan = Dpn / kNR;
   std::unique_ptr<M_[]> Kgb(new M_[Tkl > 0 ? Hk * Tkl * D : 1]), Vgb(new M_[Tkl > 0 ? Hk * npan * Tkl * kNR : 1]);
@@ -692,99 +682,99 @@ void fwd_kernel(const AttentionFwdArgs& a) {
 
 #pragma omp parallel num_threads(nt)
   {
-    {  // Kg, Vg: token-major reads (one token's heads are contiguous), Hk * (1 + npan) write streams.
-      std::unique_ptr<M_[]> rowb(new M_[Dpn]());
+    {
+      std::unique_ptr<M_[]> rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]());
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < kchunks.count; ++t) {
         const int64_t b = kchunks.seq[t], k0 = a.cu_seqlens_k[b], j0 = kchunks.row0[t];
         const int64_t n = std::min<int64_t>(64, a.cu_seqlens_k[b + 1] - k0 - j0);
-        for (int64_t j = j0; j < j0 + n; ++j)
-          for (int64_t hk = 0; hk < Hk; ++hk) {
-            copy_row<T>(k + ((k0 + j) * Hk + hk) * D, Kgb.get() + (hk * Tkl + krow[b] + j) * D, D);
+        for (int64_t hk = 0; hk < Hk; ++hk) {
+          for (int64_t j = j0; j < j0 + round_up(n, kNR); j += kVW)  // the last panel's tail: zeros
+            put_rows_transposed<T, M_>(k + ((k0 + j) * Hk + hk) * D, Hk * D, std::max<int64_t>(0, std::min<int64_t>(kVW, j0 + n - j)), D,
+                                       Kgb.get() + (hk * Tkl + krow[b] + j) / kNR * D * kNR + j % kNR, kNR, tmpb.get(), M_(1));
+          for (int64_t j = j0; j < j0 + n; ++j)
             put_row_panels<T, M_>(v + ((k0 + j) * Hk + hk) * D, D, Dpn, Vgb.get() + (hk * npan * Tkl + krow[b] + j) * kNR,
                                   Tkl * kNR, rowb.get());
-          }
+        }
       }
     }
-    std::unique_ptr<M_[]> Qtb(new M_[D * kFQ]()), Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]), lb(new M_[kFQ]), mxb(new M_[kFQ]),
-        mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
-        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
-    M_ *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(), *mu = mub.get(),
-       *sm = smb.get();
+    constexpr int64_t ldS = round_up(kFK, kVW) + kVW;  // S rows: an odd number of vectors (L1 sets)
+    std::unique_ptr<M_[]> Qb(new M_[kFQ * D]()), Sb(new M_[kFQ * ldS]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
+        lb(new M_[kFQ]), tmpb(new M_[kVW * Dpn]()), stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
+    M_ *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
 
-    // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qt is their scaled, panel-packed
-    // transpose; kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the
-    // value rows as a product's B operand (rows vld apart, kNR-column blocks vbps apart: panels in the tiled path,
-    // plain rows in the short one). Writes lse, and the output rows to out or, when os is set, to os[r * lds]
-    // (the short path's token-major staging).
-    auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
+    // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qr holds them scaled (rows D apart);
+    // kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at the K^T panels of keys [j0, j0 + nk) (j0 a multiple of kNR;
+    // [D][kNR] each, D * kNR apart) and Vp at the value rows as a product's B operand (rows vld apart, kNR-column
+    // blocks vbps apart: panels in the tiled path, plain rows in the short one). Writes lse, and the output rows to
+    // out or, when os is set, to os[r * lds] (the short path's token-major staging).
+    // S = Q K^T is kept row-major ([query][key]): P V then reads P's rows as 12 sequential streams (160 GFLOP/s on
+    // one core) where P^T's 12 consecutive floats per step, a row 1.5 KiB apart, reached 145.
+    auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qr,
                       auto&& kv_tile, M_* os, int64_t lds, bool prefetch) {
-      const int64_t nip = round_up(ni, kNR), nie = round_up(ni, kVW);
-      for (int64_t r = 0; r < nie; ++r) {
+      for (int64_t r = 0; r < ni; ++r) {
         m[r] = ninf;
         l[r] = 0;
       }
       std::memset(O, 0, sizeof(M_) * ni * Dp);
-      const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
+      const int64_t kbeg = mask.lo(i0) / kNR * kNR, kend = mask.hi(i0 + ni - 1) + 1;
       for (int64_t j0 = kbeg; j0 < kend; j0 += kFK) {
-        const int64_t nk = std::min<int64_t>(kFK, kend - j0);
+        const int64_t nk = std::min<int64_t>(kFK, kend - j0), nkv = round_up(nk, kVW);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
         const M_ *Kp, *Vp;
         int64_t vld, vbps;
         kv_tile(j0, nk, Kp, Vp, vld, vbps);
-        // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
-        // a multiple of kNR so that the S^T product starts at a Q^T panel.
-        const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
+        // Query rows [0, rs) see no key of this tile (causal / right window).
+        const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0));
         Prefetch pf;
-        if (prefetch && j0 + kFK < kend) {  // the next tile, spread over the S^T product's calls
+        if (prefetch && j0 + kFK < kend) {  // the next tile, spread over the S product's calls
           const int64_t nk2 = std::min<int64_t>(kFK, kend - j0 - kFK);
           const M_ *Kn, *Vn;
           int64_t vld2, vbps2;
           kv_tile(j0 + kFK, nk2, Kn, Vn, vld2, vbps2);
-          pf.add(Kn, nk2 * D * int64_t(sizeof(M_)));
+          pf.add(Kn, round_up(nk2, kNR) * D * int64_t(sizeof(M_)));
           for (int64_t p = 0; p < Dpn; p += kNR) pf.add(Vn + p / kNR * vbps2, nk2 * vld2 * int64_t(sizeof(M_)));
-          const int64_t calls = (nip - rs) / kNR * (nk / kMR);
+          const int64_t calls = (nkv + kNR - 1) / kNR * ((ni - rs) / kMR);
           pf.per_call = static_cast<int>(calls > 0 ? (pf.lines() + calls - 1) / calls : 0);
         }
         if (full) {
-          gemm_tile<M_>(nk, nip - rs, D, Kp, D, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR, &pf);  // S^T [nk x ni]
+          gemm_tile<M_>(ni - rs, nkv, D, Qr + rs * D, D, 1, Kp, kNR, S + rs * ldS, ldS, false, D * kNR, &pf);
         } else {
-          // Per panel of kNR query rows only the keys some row of it sees, [lo(first row), hi(last row)] (the
-          // causal diagonal's hidden triangle is skipped); the rest of St is masked below.
-          for (int64_t n0 = rs; n0 < nip; n0 += kNR) {
-            const int64_t c0 = std::max<int64_t>(0, mask.lo(i0 + n0) - j0);
-            const int64_t c1 = std::min<int64_t>(nk, mask.hi(i0 + std::min<int64_t>(ni, n0 + kNR) - 1) - j0 + 1);
-            if (c1 > c0)
-              gemm_tile<M_>(c1 - c0, kNR, D, Kp + c0 * D, D, 1, Qt + n0 * D, kNR, St + c0 * kFQ + n0, kFQ, false,
-                            D * kNR, &pf);
-          }
-          // Key c is seen by query rows [first_row(j0 + c), last_row(j0 + c + 1)) of the sequence.
-          for (int64_t c = 0; c < nk; ++c) {
-            M_* s = St + c * kFQ;
-            const int64_t va = std::min<int64_t>(ni, std::max<int64_t>(rs, mask.first_row(j0 + c) - i0));
-            const int64_t vb = std::max<int64_t>(va, std::min<int64_t>(ni, mask.last_row(j0 + c + 1) - i0));
-            for (int64_t r = rs; r < va; ++r) s[r] = ninf;
-            for (int64_t r = vb; r < ni; ++r) s[r] = ninf;
+          // Per panel of kNR keys only the query rows that see one of them (the causal diagonal's hidden triangle
+          // is skipped); the rest is masked below.
+          for (int64_t n0 = 0; n0 < nkv; n0 += kNR) {
+            const int64_t r0 = std::max<int64_t>(rs, mask.first_row(j0 + n0) - i0);
+            const int64_t r1 = std::min<int64_t>(ni, mask.last_row(j0 + std::min<int64_t>(nk, n0 + kNR)) - i0);
+            if (r1 > r0)
+              gemm_tile<M_>(r1 - r0, std::min<int64_t>(kNR, nkv - n0), D, Qr + r0 * D, D, 1, Kp + n0 * D, kNR,
+                            S + r0 * ldS + n0, ldS, false, D * kNR, &pf);
           }
         }
-        // Online softmax, vectorised over the query rows (columns of St); O's rows rescaled where the
-        // reference moved.
-        softmax_tile<M_>(St, kFQ, nk, rs, nie, m, l, mx, sm, mu);
-        for (int64_t r = rs; r < ni; ++r)
-          if (mu[r] != M_(1)) {
-            const M_ alpha = mu[r];
+        // Online softmax per query row; columns [nk, nkv) and, on a masked tile, the keys a row does not see are
+        // -inf. The reference m moves only by more than kLazy; O's row is rescaled then.
+        for (int64_t r = rs; r < ni; ++r) {
+          M_* s = S + r * ldS;
+          const int64_t lo = full ? 0 : std::min<int64_t>(nkv, std::max<int64_t>(0, mask.lo(i0 + r) - j0));
+          const int64_t hi = full ? nk : std::min<int64_t>(nk, mask.hi(i0 + r) - j0 + 1);
+          for (int64_t c = 0; c < lo; ++c) s[c] = ninf;
+          for (int64_t c = std::max<int64_t>(hi, 0); c < nkv; ++c) s[c] = ninf;
+          M_ alpha = 1;
+          const M_ sum = softmax_row<M_>(s, nkv, m[r], alpha);
+          l[r] = l[r] * alpha + sum;
+          if (alpha != M_(1)) {
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
           }
+        }
         if (full) {
-          gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
+          gemm_tile<M_>(ni - rs, Dp, nk, S + rs * ldS, ldS, 1, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
         } else {  // a block of query rows takes only the keys it sees (P is 0 elsewhere: exact)
-          const auto band = [&](int64_t m, int64_t rows, int64_t, int64_t& k0, int64_t& k1) {
-            k0 = std::max<int64_t>(0, mask.lo(i0 + rs + m) - j0);
-            k1 = std::min<int64_t>(nk, mask.hi(i0 + rs + m + rows - 1) - j0 + 1);
+          const auto band = [&](int64_t mm, int64_t rows, int64_t, int64_t& k0, int64_t& k1) {
+            k0 = std::max<int64_t>(0, mask.lo(i0 + rs + mm) - j0);
+            k1 = std::min<int64_t>(nk, mask.hi(i0 + rs + mm + rows - 1) - j0 + 1);
           };
-          gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps, nullptr, band);
+          gemm_tile<M_>(ni - rs, Dp, nk, S + rs * ldS, ldS, 1, Vp, vld, O + rs * Dp, Dp, true, vbps, nullptr, band);
         }
       }
       for (int64_t r = 0; r < ni; ++r) {
@@ -812,32 +802,32 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
         const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
         const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
-        // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
-        pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale2);
-        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
-          Kp = Kgb.get() + (hk * Tkl + krow[b] + j0) * D;
+        load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), D, scale2);
+        attend(h, q0, mask, i0, ni, Qb.get(), [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
+          Kp = Kgb.get() + (hk * Tkl + krow[b] + j0) * D;  // krow[b] + j0 is a multiple of kNR
           Vp = Vgb.get() + (hk * npan * Tkl + krow[b] + j0) * kNR;
           vld = kNR;
           vbps = Tkl * kNR;
         }, nullptr, 0, true);
         continue;
       }
-      // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q^T, K, V of every head of the chunk
+      // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q, K^T, V of every head of the chunk
       // (token-major reads), then attend per head from the staged copies.
       const int64_t s = item - long_items, b = plan.seq[s], hk0 = plan.hk0[s];
       const int64_t hk1 = std::min<int64_t>(Hk, hk0 + plan.chunk[b]), hq0 = hk0 * group, hq1 = hk1 * group;
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t lq = mask.lq, lk = mask.lk, sq = stage_q(lq), sk = stage_k(lk), sv = stage_v(lk);
-      M_* Qs = stageb.get();             // [hq1 - hq0][panel-packed Q^T of lq rows]
-      M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][lk x D]
+      M_* Qs = stageb.get();             // [hq1 - hq0][lq x D], scaled
+      M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][K^T panels of lk keys, zeros past lk]
       M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][lk x Dp]
       M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
-      for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
-        put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale2);
+      for_rows_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row<T, M_>(row, D, Qs + hl * sq + r * D, scale2);
       });
-      for_rows_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
-        put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
+      for_row_blocks_of_heads(k, k0, round_up(lk, kNR), Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t) {
+        put_rows_transposed<T, M_>(rows, lds, std::max<int64_t>(0, std::min<int64_t>(kVW, lk - r)), D,
+                                   Ks + hl * sk + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), M_(1));
       });
       for_rows_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
         put_row<T, M_>(row, D, Vs + hl * sv + r * Dp, M_(1));
@@ -942,6 +932,30 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   std::unique_ptr<M_[]> dQpart(dq_in_pass1 ? new M_[nt * part] : nullptr);
   const TileList ktiles(a.cu_seqlens_k, a.batch, kBK, plan);
   const int64_t kitems = ktiles.count * Hk;
+  // Pass-1 items go to threads by a fixed rule, not dynamically: which thread's dQ partial an item lands in must
+  // not depend on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks). The
+  // rule balances the estimated work (visible pairs), largest first onto the least loaded thread: round-robin gave
+  // causal S 2048 one thread 72 and the other 64 key tiles' worth of pairs per head.
+  std::unique_ptr<int[]> owner(new int[kitems > 0 ? kitems : 1]);
+  {
+    std::unique_ptr<int64_t[]> cost(new int64_t[kitems > 0 ? kitems : 1]), order(new int64_t[kitems > 0 ? kitems : 1]);
+    for (int64_t item = 0; item < kitems; ++item) {
+      const int64_t t = item % ktiles.count, b = ktiles.seq[t];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b], a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b], a);
+      const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0);
+      cost[item] = nk * std::max<int64_t>(1, mask.last_row(j0 + nk) - mask.first_row(j0));
+      order[item] = item;
+    }
+    std::stable_sort(order.get(), order.get() + kitems, [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+    std::unique_ptr<int64_t[]> load(new int64_t[nt]());
+    for (int64_t i = 0; i < kitems; ++i) {
+      int th = 0;
+      for (int u = 1; u < nt; ++u)
+        if (load[u] < load[th]) th = u;
+      owner[order[i]] = th;
+      load[th] += cost[order[i]];
+    }
+  }
 #pragma omp parallel num_threads(nt)
   {
     M_* dQacc = nullptr;
@@ -1005,10 +1019,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         gemm_tile<M_>(ni, Dp, nk, dP, kBKp, 1, Kr, ldkr, dQ_, Dp, true, kNR, nullptr, by_query_rows);
     };
 
-    // static round-robin, not dynamic: which thread's dQ partial an item lands in must not depend
-    // on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks).
-#pragma omp for schedule(static, 1) nowait
+    const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
     for (int64_t item = 0; item < kitems; ++item) {
+      if (owner[item] % nthr != tid) continue;  // in item order (head-major) within a thread
       const int64_t t = item % ktiles.count, hk = item / ktiles.count, b = ktiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
