@@ -1,23 +1,30 @@
 // Flash-style attention, forward and backward (compiled once per ISA flavour).
 //
-// Forward (FlashAttention-2): one work item per (sequence, query head, query tile of kFQ rows),
-// head-major so that concurrent items share one head's K/V in cache. The query tile is packed once,
-// transposed and pre-multiplied by the softmax scale, in kNR-wide panels; the key/value tiles of kFK
-// rows that the mask leaves visible are streamed through it with an online softmax computed on the
-// transposed scores: S^T = K Q^T (K rows copied contiguous, no per-tile transpose), running max m and
-// sum l per query row (vectorised across query rows), O = O * e^(m_old - m_new) + P V with P read
-// transposed and V packed in panels. Tiles that the mask hides completely (causal, window, other
-// sequences) are never visited; only tiles crossing a mask edge are masked element by element.
-// out = O / l and lse = m + log(l) are written once.
+// Forward (FlashAttention-2): one work item per (sequence, query head, query tile of kFQ rows), head-major so
+// that concurrent items share one head's K/V in cache. K and V of the tiled sequences are packed once per call:
+// K^T in kNR-key panels, V in kNR-column panels (math type; read per item out of [T, H, D] instead, every query
+// tile re-read its head's rows a page apart, again for each query head of a GQA group). The query tile is copied
+// once, times scale * log2(e), so scores are in log2 units; the key/value tiles of kFK keys the mask leaves
+// visible are streamed through it with an online softmax per query row on the row-major S = Q K^T: P = 2^(S - m)
+// (one vreduceps, a degree-6 polynomial and a masked vscalefps per 16 entries), O += P V. The reference m moves
+// only when a tile's maximum exceeds it by more than kLazy (FlashAttention-4's lazy rescaling; exact). Tiles
+// the mask hides completely are never visited; on tiles a mask edge crosses, each kNR-key block of S is
+// computed only for the query rows that see one of its keys and each 12-row block of P V only over the keys
+// its rows see (the causal diagonal's hidden triangle is skipped). out = O / l, lse = ln 2 (m + log2 l).
+// The next key tile is prefetched into L2 during the S product. S row-major rather than S^T: P V then reads
+// P's rows as sequential streams (160 GFLOP/s on one core against 145 for P^T's strided columns).
 //
 // Backward recomputes P = exp(S - lse) tile by tile; with Dv_i = rowsum(dO * O)_i - dlse_i:
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Dv),  dQ = scale dS K,  dK = scale dS^T Q.
 // Pass 1: one work item per (sequence, kv head, key tile of kBK rows) accumulates dK and dV over the
 // query tiles (kBQ rows) of every query head in its GQA group, and dQ += dS K into a private
 // [Hq, Tq, Dp] buffer per thread; the buffers are summed afterwards (5 tile products, the minimum).
-// When those nt buffers would exceed kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per
-// (sequence, query head, query tile)) accumulates it instead, recomputing S and dP (7 products).
-// The softmax scale is folded into the K^T tile once per item.
+// Items go to threads by a fixed rule (largest estimated work first onto the least loaded thread), so the
+// dQ sums are bitwise repeatable and causal work is balanced. When those nt buffers would exceed
+// kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per (sequence, query head, query tile))
+// accumulates it instead, recomputing S and dP (7 products). The softmax scale is folded into the K^T tile
+// once per item. Row buffers have an odd number of vectors per row (512-byte rows put a product's B
+// column block in 16 of the 64 L1 sets), and diagonal tiles skip their hidden triangle in all five products.
 //
 // Short sequences (at most kShortLen query and key rows: Qwen2.5-VL's 64-patch vision windows, say) are
 // decomposed differently: one item per (sequence, chunk of kv heads and their query heads) copies the
@@ -29,32 +36,28 @@
 // (12 rows x 32 floats with AVX-512, 6 rows x 2 vectors otherwise) live in vector registers over the whole inner
 // dimension; the column operand is read as kNR-wide blocks (plain rows or panel-packed), the last one a
 // single vector wide where the head dim is an odd number of vectors; head dims are padded to a multiple of
-// kVW with zeros. Tiles are copied out of the [T, H, D] inputs (rows read in place are H * D apart, a page
-// each, and TLB misses dominated); transposed copies go through kVW x kVW in-register block transposes.
+// kVW with zeros. Transposed copies go through kVW x kVW in-register block transposes.
 //
-// Vision windows, fp32, T = 4096 in 64 windows of 64, H = 16, D = 80 (1.34 GFLOP fwd), p50 ms, Sapphire
-// Rapids (AVX-512), `python -m bench.ops.ab_attention --so <before> --so <after> --cases windows`, with one
-// batched SDPA on [64, 16, 64, 80] in the same run. Before: one item per (query tile, head), 40% of the
-// forward in page-strided 320-byte row copies, scalar transposes, K/V reloaded per head, D = 80 computed as
-// 96, 2 x 4096 x 16 x 96 dQ partials zeroed and summed.
-//                              before      after     SDPA
-//   1 thread   fwd              36.6       21.3      27.2
-//              fwd+bwd         144.0       69.1      86.0
-//   2 threads  fwd              20.2       11.7      14.4     (load average 1.7)
-//              fwd+bwd          87.3       41.9      45.6
-// Right after, the tiled path's cases, 2 threads, before / after ms: dense S = 2048, H = 16, D = 128
-// fwd 143.5 / 138.6, fwd+bwd 461.9 / 447.3, causal 76.3 / 73.3 and 270.2 / 261.2; 8 packed sequences
-// (8192 tokens, causal, GQA 16/2, D = 128) 213.8 / 203.2 and 791.0 / 789.5.
-//
-// Dense fp32, S = 2048, H = 16, D = 128, 2 threads (Sapphire Rapids, AVX-512), p50 ms / GFLOP/s
-// (FlashAttention convention) / ratio to PyTorch CPU SDPA measured in the same run
-// (python -m bench.ops.bench_attention; before = the previous kernel rerun back to back with this one):
-//                     before                      after
-//   fwd              326.8 ms 105 GF/s 0.41x      161.6 ms 213 GF/s 0.84x
-//   fwd+bwd         1168.3 ms 103 GF/s 0.43x      564.3 ms 213 GF/s 0.93x
-//   causal fwd       149.8 ms 115 GF/s 0.58x       92.2 ms 186 GF/s 0.93x
-//   causal fwd+bwd   550.8 ms 109 GF/s 0.63x      326.3 ms 184 GF/s 1.04x
-// Run-to-run noise on this machine is about +-10%.
+// Measured (fp32, 2-core Sapphire Rapids VM, AVX-512, torch 2.13 SDPA = ATen's flash kernel; shared machine,
+// load average 1.1-1.8). Dense S 2048, H 16, D 128 through the op, `python -m bench.ops.bench_attention`
+// (bench/results/attention-2026-11-28-daf2c19.txt; the A/B below: attention-ab-2026-11-28-62b5b5e.txt), p50 ms,
+// ratio to SDPA, % of the fp32 GEMM rate of the same run (298 GFLOP/s; 293-341 in other runs that half hour);
+// previous kernel (738a646) ratios in brackets:
+//   fwd              147.1 ms  0.97x (0.87x)  78%        causal fwd        78.3 ms  1.16x (0.94x)  74%
+//   fwd+bwd          539.1 ms  1.01x (0.91x)  75%        causal fwd+bwd   292.9 ms  1.21x (1.06x)  69%
+// Kernel A/B of the previous and this build in one process, interleaved (`python -m bench.ops.ab_attention
+// --so BEFORE --so AFTER --cases dense,dense_causal,varlen`), p50 ms before / after:
+//                       2 threads           1 thread
+//   dense fwd           155.7 / 144.8       318.2 / 281.8
+//   dense fwd+bwd       575.5 / 539.4      1121.0 / 1043.1
+//   causal fwd           87.6 /  72.0       174.5 / 145.7
+//   causal fwd+bwd      327.0 / 275.9       619.2 / 548.8
+//   varlen fwd          246.9 / 185.5       510.6 / 385.1     (8 seqs, 8192 tokens, causal, GQA 16/2, D 128)
+//   varlen fwd+bwd      962.2 / 773.8      1814.6 / 1491.6
+// Varlen through the op (bench/run_all.py --ops attention_varlen): fwd 193.8 ms, 1.42x a Python loop of SDPA
+// calls per sequence; fwd+bwd 742.8 ms, 1.62x.
+// Vision windows (short path; T = 4096 in 64 windows of 64, H = 16, D = 80) when that path was added, 2 threads,
+// load average 1.7: fwd 11.7 ms, fwd+bwd 41.9 ms against one batched SDPA call's 14.4 and 45.6.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -690,17 +693,20 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t n = std::min<int64_t>(64, a.cu_seqlens_k[b + 1] - k0 - j0);
         for (int64_t hk = 0; hk < Hk; ++hk) {
           for (int64_t j = j0; j < j0 + round_up(n, kNR); j += kVW)  // the last panel's tail: zeros
-            put_rows_transposed<T, M_>(k + ((k0 + j) * Hk + hk) * D, Hk * D, std::max<int64_t>(0, std::min<int64_t>(kVW, j0 + n - j)), D,
-                                       Kgb.get() + (hk * Tkl + krow[b] + j) / kNR * D * kNR + j % kNR, kNR, tmpb.get(), M_(1));
+            put_rows_transposed<T, M_>(k + ((k0 + j) * Hk + hk) * D, Hk * D,
+                                       std::max<int64_t>(0, std::min<int64_t>(kVW, j0 + n - j)), D,
+                                       Kgb.get() + (hk * Tkl + krow[b] + j) / kNR * D * kNR + j % kNR, kNR, tmpb.get(),
+                                       M_(1));
           for (int64_t j = j0; j < j0 + n; ++j)
-            put_row_panels<T, M_>(v + ((k0 + j) * Hk + hk) * D, D, Dpn, Vgb.get() + (hk * npan * Tkl + krow[b] + j) * kNR,
-                                  Tkl * kNR, rowb.get());
+            put_row_panels<T, M_>(v + ((k0 + j) * Hk + hk) * D, D, Dpn,
+                                  Vgb.get() + (hk * npan * Tkl + krow[b] + j) * kNR, Tkl * kNR, rowb.get());
         }
       }
     }
     constexpr int64_t ldS = round_up(kFK, kVW) + kVW;  // S rows: an odd number of vectors (L1 sets)
     std::unique_ptr<M_[]> Qb(new M_[kFQ * D]()), Sb(new M_[kFQ * ldS]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
-        lb(new M_[kFQ]), tmpb(new M_[kVW * Dpn]()), stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
+        lb(new M_[kFQ]), tmpb(new M_[kVW * Dpn]()),
+        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
     M_ *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
 
     // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qr holds them scaled (rows D apart);
@@ -989,7 +995,8 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         for (int64_t n0 = 0; n0 < nkp; n0 += kNR) {
           const int64_t r0 = std::max<int64_t>(0, mask.first_row(j0 + n0) - i0);
           const int64_t r1 = std::min<int64_t>(ni, mask.last_row(j0 + std::min<int64_t>(nk, n0 + kNR)) - i0);
-          if (r1 > r0) gemm_tile<M_>(r1 - r0, kNR, D, A + r0 * ldq, ldq, 1, B + n0, ldkt, C + r0 * kBKp + n0, kBKp, false);
+          if (r1 > r0)
+            gemm_tile<M_>(r1 - r0, kNR, D, A + r0 * ldq, ldq, 1, B + n0, ldkt, C + r0 * kBKp + n0, kBKp, false);
         }
       };
       // Accumulating products over the query rows (C rows = keys) or the keys (C rows = query rows): each block of
