@@ -35,11 +35,12 @@ the padded baseline's extra work shows as a lower rate.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import time_ms
+from bench.common import sgemm_gflops, time_ms
 from bench.harness import Case, Provider, mmfuse_op
 from mmfuse.ops import attention
 
@@ -234,13 +235,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     S = 512 if args.quick else 2048
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'shape':>22} {'mode':>8} {'provider':>8} {'p50 ms':>9} {'GFLOP/s':>8} {'vs sdpa':>7}")
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"loadavg={' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    gemm = sgemm_gflops(512 if args.quick else 2048)  # the roofline, measured in this run
+    print(f"fp32 GEMM (torch.mm 2048^2, same run): {gemm:.1f} GFLOP/s")
+    print(f"{'shape':>22} {'mode':>8} {'provider':>8} {'p50 ms':>9} {'GFLOP/s':>8} {'% GEMM':>6} {'vs sdpa':>7}")
     for causal in (False, True):
         for r in measure(S, 16, 128, causal, torch.float32, args.reps):
             shape = f"S{r['S']} H{r['H']} D{r['D']}{' causal' if r['causal'] else ''}"
             print(f"{shape:>22} {r['mode']:>8} {r['provider']:>8} {r['p50_ms']:9.1f} {r['gflops']:8.1f} "
-                  f"{r['speedup_vs_sdpa']:6.2f}x")
+                  f"{100 * r['gflops'] / gemm:5.0f}% {r['speedup_vs_sdpa']:6.2f}x")
+    print(f"loadavg at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

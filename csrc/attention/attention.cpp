@@ -1,23 +1,30 @@
 // Flash-style attention, forward and backward (compiled once per ISA flavour).
 //
-// Forward (FlashAttention-2): one work item per (sequence, query head, query tile of kFQ rows),
-// head-major so that concurrent items share one head's K/V in cache. The query tile is packed once,
-// transposed and pre-multiplied by the softmax scale, in kNR-wide panels; the key/value tiles of kFK
-// rows that the mask leaves visible are streamed through it with an online softmax computed on the
-// transposed scores: S^T = K Q^T (K rows copied contiguous, no per-tile transpose), running max m and
-// sum l per query row (vectorised across query rows), O = O * e^(m_old - m_new) + P V with P read
-// transposed and V packed in panels. Tiles that the mask hides completely (causal, window, other
-// sequences) are never visited; only tiles crossing a mask edge are masked element by element.
-// out = O / l and lse = m + log(l) are written once.
+// Forward (FlashAttention-2): one work item per (sequence, query head, query tile of kFQ rows), head-major so
+// that concurrent items share one head's K/V in cache. K and V of the tiled sequences are packed once per call:
+// K^T in kNR-key panels, V in kNR-column panels (math type; read per item out of [T, H, D] instead, every query
+// tile re-read its head's rows a page apart, again for each query head of a GQA group). The query tile is copied
+// once, times scale * log2(e), so scores are in log2 units; the key/value tiles of kFK keys the mask leaves
+// visible are streamed through it with an online softmax per query row on the row-major S = Q K^T: P = 2^(S - m)
+// (one vreduceps, a degree-6 polynomial and a masked vscalefps per 16 entries), O += P V. The reference m moves
+// only when a tile's maximum exceeds it by more than kLazy (FlashAttention-4's lazy rescaling; exact). Tiles
+// the mask hides completely are never visited; on tiles a mask edge crosses, each kNR-key block of S is
+// computed only for the query rows that see one of its keys and each 12-row block of P V only over the keys
+// its rows see (the causal diagonal's hidden triangle is skipped). out = O / l, lse = ln 2 (m + log2 l).
+// The next key tile is prefetched into L2 during the S product. S row-major rather than S^T: P V then reads
+// P's rows as sequential streams (160 GFLOP/s on one core against 145 for P^T's strided columns).
 //
 // Backward recomputes P = exp(S - lse) tile by tile; with Dv_i = rowsum(dO * O)_i - dlse_i:
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Dv),  dQ = scale dS K,  dK = scale dS^T Q.
 // Pass 1: one work item per (sequence, kv head, key tile of kBK rows) accumulates dK and dV over the
 // query tiles (kBQ rows) of every query head in its GQA group, and dQ += dS K into a private
 // [Hq, Tq, Dp] buffer per thread; the buffers are summed afterwards (5 tile products, the minimum).
-// When those nt buffers would exceed kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per
-// (sequence, query head, query tile)) accumulates it instead, recomputing S and dP (7 products).
-// The softmax scale is folded into the K^T tile once per item.
+// Items go to threads by a fixed rule (largest estimated work first onto the least loaded thread), so the
+// dQ sums are bitwise repeatable and causal work is balanced. When those nt buffers would exceed
+// kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per (sequence, query head, query tile))
+// accumulates it instead, recomputing S and dP (7 products). The softmax scale is folded into the K^T tile
+// once per item. Row buffers have an odd number of vectors per row (512-byte rows put a product's B
+// column block in 16 of the 64 L1 sets), and diagonal tiles skip their hidden triangle in all five products.
 //
 // Short sequences (at most kShortLen query and key rows: Qwen2.5-VL's 64-patch vision windows, say) are
 // decomposed differently: one item per (sequence, chunk of kv heads and their query heads) copies the
@@ -29,32 +36,28 @@
 // (12 rows x 32 floats with AVX-512, 6 rows x 2 vectors otherwise) live in vector registers over the whole inner
 // dimension; the column operand is read as kNR-wide blocks (plain rows or panel-packed), the last one a
 // single vector wide where the head dim is an odd number of vectors; head dims are padded to a multiple of
-// kVW with zeros. Tiles are copied out of the [T, H, D] inputs (rows read in place are H * D apart, a page
-// each, and TLB misses dominated); transposed copies go through kVW x kVW in-register block transposes.
+// kVW with zeros. Transposed copies go through kVW x kVW in-register block transposes.
 //
-// Vision windows, fp32, T = 4096 in 64 windows of 64, H = 16, D = 80 (1.34 GFLOP fwd), p50 ms, Sapphire
-// Rapids (AVX-512), `python -m bench.ops.ab_attention --so <before> --so <after> --cases windows`, with one
-// batched SDPA on [64, 16, 64, 80] in the same run. Before: one item per (query tile, head), 40% of the
-// forward in page-strided 320-byte row copies, scalar transposes, K/V reloaded per head, D = 80 computed as
-// 96, 2 x 4096 x 16 x 96 dQ partials zeroed and summed.
-//                              before      after     SDPA
-//   1 thread   fwd              36.6       21.3      27.2
-//              fwd+bwd         144.0       69.1      86.0
-//   2 threads  fwd              20.2       11.7      14.4     (load average 1.7)
-//              fwd+bwd          87.3       41.9      45.6
-// Right after, the tiled path's cases, 2 threads, before / after ms: dense S = 2048, H = 16, D = 128
-// fwd 143.5 / 138.6, fwd+bwd 461.9 / 447.3, causal 76.3 / 73.3 and 270.2 / 261.2; 8 packed sequences
-// (8192 tokens, causal, GQA 16/2, D = 128) 213.8 / 203.2 and 791.0 / 789.5.
-//
-// Dense fp32, S = 2048, H = 16, D = 128, 2 threads (Sapphire Rapids, AVX-512), p50 ms / GFLOP/s
-// (FlashAttention convention) / ratio to PyTorch CPU SDPA measured in the same run
-// (python -m bench.ops.bench_attention; before = the previous kernel rerun back to back with this one):
-//                     before                      after
-//   fwd              326.8 ms 105 GF/s 0.41x      161.6 ms 213 GF/s 0.84x
-//   fwd+bwd         1168.3 ms 103 GF/s 0.43x      564.3 ms 213 GF/s 0.93x
-//   causal fwd       149.8 ms 115 GF/s 0.58x       92.2 ms 186 GF/s 0.93x
-//   causal fwd+bwd   550.8 ms 109 GF/s 0.63x      326.3 ms 184 GF/s 1.04x
-// Run-to-run noise on this machine is about +-10%.
+// Measured (fp32, 2-core Sapphire Rapids VM, AVX-512, torch 2.13 SDPA = ATen's flash kernel; shared machine,
+// load average 1.1-1.8). Dense S 2048, H 16, D 128 through the op, `python -m bench.ops.bench_attention`
+// (bench/results/attention-2026-11-28-daf2c19.txt; the A/B below: attention-ab-2026-11-28-62b5b5e.txt), p50 ms,
+// ratio to SDPA, % of the fp32 GEMM rate of the same run (298 GFLOP/s; 293-341 in other runs that half hour);
+// previous kernel (738a646) ratios in brackets:
+//   fwd              147.1 ms  0.97x (0.87x)  78%        causal fwd        78.3 ms  1.16x (0.94x)  74%
+//   fwd+bwd          539.1 ms  1.01x (0.91x)  75%        causal fwd+bwd   292.9 ms  1.21x (1.06x)  69%
+// Kernel A/B of the previous and this build in one process, interleaved (`python -m bench.ops.ab_attention
+// --so BEFORE --so AFTER --cases dense,dense_causal,varlen`), p50 ms before / after:
+//                       2 threads           1 thread
+//   dense fwd           155.7 / 144.8       318.2 / 281.8
+//   dense fwd+bwd       575.5 / 539.4      1121.0 / 1043.1
+//   causal fwd           87.6 /  72.0       174.5 / 145.7
+//   causal fwd+bwd      327.0 / 275.9       619.2 / 548.8
+//   varlen fwd          246.9 / 185.5       510.6 / 385.1     (8 seqs, 8192 tokens, causal, GQA 16/2, D 128)
+//   varlen fwd+bwd      962.2 / 773.8      1814.6 / 1491.6
+// Varlen through the op (bench/run_all.py --ops attention_varlen): fwd 193.8 ms, 1.42x a Python loop of SDPA
+// calls per sequence; fwd+bwd 742.8 ms, 1.62x.
+// Vision windows (short path; T = 4096 in 64 windows of 64, H = 16, D = 80) when that path was added, 2 threads,
+// load average 1.7: fwd 11.7 ms, fwd+bwd 41.9 ms against one batched SDPA call's 14.4 and 45.6.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -75,8 +78,9 @@ namespace {
 
 constexpr int64_t kBQ = 96;   // backward: query rows per tile
 constexpr int64_t kBK = 128;  // backward: key rows per tile (a multiple of kNR)
+constexpr int64_t kBKp = kBK + 16;  // backward: leading dimension of S, dP, K^T, V^T tiles (see ldr)
 constexpr int64_t kFQ = 384;  // forward: query rows per tile (a multiple of kNR)
-constexpr int64_t kFK = 144;  // forward: key rows per tile
+constexpr int64_t kFK = 224;  // forward: key rows per tile (a multiple of kNR)
 constexpr int64_t kMaxPartialBytes = int64_t(512) << 20;  // backward: per-thread dQ buffers, all threads
 // Short-sequence path: sequences of at most kShortLen query and key rows are staged (all their heads, or a
 // chunk of kv heads whose operands fit kStageBytes). 768 KiB, 3/8 of the 2 MiB L2 this was tuned on, leaves
@@ -109,7 +113,7 @@ inline vecf vload(const float* p) {
 }
 inline void vstore(float* p, vecf v) { std::memcpy(p, &v, sizeof v); }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // C[R x NV*kVW] (+)= A[R x K] B[K x NV*kVW]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
 // read transposed), B rows are ldb apart, C rows ldc apart.
@@ -150,12 +154,60 @@ inline void micro_kernel_tail(int64_t rows, int64_t K, const float* A, int64_t a
   }
 }
 
-template <int NV>
+// Cache lines of some contiguous regions (the next key / value tile), prefetched into L2 a few at a time
+// between micro-kernel calls of the current tile's products: a burst would stall on the fill buffers.
+struct Prefetch {
+  const char* p[12];
+  int64_t len[12];
+  int n = 0, i = 0, per_call = 0;
+  int64_t off = 0;
+  void add(const void* s, int64_t bytes) {
+    if (n < 12 && bytes > 0) {
+      p[n] = static_cast<const char*>(s);
+      len[n++] = bytes;
+    }
+  }
+  int64_t lines() const {
+    int64_t t = 0;
+    for (int r = 0; r < n; ++r) t += (len[r] + 63) / 64;
+    return t;
+  }
+  void step() {
+    for (int l = 0; l < per_call && i < n; ++l) {
+      __builtin_prefetch(p[i] + off, 0, 2);
+      if ((off += 64) >= len[i]) {
+        ++i;
+        off = 0;
+      }
+    }
+  }
+};
+
+// The inner range [k0, k1) that rows [m, m + rows) of C need: all of K, or (KBand) the keys the mask leaves
+// visible to a block of query rows, so that a tile on the causal diagonal skips its hidden triangle. Only with
+// accumulate: rows whose range is empty are left as they are.
+struct FullK {
+  void operator()(int64_t, int64_t, int64_t K, int64_t& k0, int64_t& k1) const {
+    k0 = 0;
+    k1 = K;
+  }
+};
+
+template <int NV, typename KR>
 inline void gemm_block(int64_t M, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) micro_kernel<kMR, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
-  if (m < M) micro_kernel_tail<kMR - 1, NV>(M - m, K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, accumulate);
+                       float* C, int64_t ldc, bool accumulate, Prefetch* pf, const KR& kr) {
+  for (int64_t m = 0; m < M; m += kMR) {
+    const int64_t rows = std::min<int64_t>(kMR, M - m);
+    int64_t k0, k1;
+    kr(m, rows, K, k0, k1);
+    if (k1 <= k0) continue;
+    if (rows == kMR)
+      micro_kernel<kMR, NV>(k1 - k0, A + m * ars + k0 * aks, ars, aks, B + k0 * ldb, ldb, C + m * ldc, ldc, accumulate);
+    else
+      micro_kernel_tail<kMR - 1, NV>(rows, k1 - k0, A + m * ars + k0 * aks, ars, aks, B + k0 * ldb, ldb, C + m * ldc,
+                                     ldc, accumulate);
+    if (pf) pf->step();
+  }
 }
 
 // C[M x N] (+)= A[M x K] B[K x N] with N a multiple of kVW (callers pad B and C with zeros); column blocks are
@@ -163,24 +215,26 @@ inline void gemm_block(int64_t M, int64_t K, const float* A, int64_t ars, int64_
 // computed, not 96).
 // Column block n0 / kNR of B starts bps floats after the previous one (kNR for a plain row-major B;
 // panel-packed operands store each kNR-wide block contiguously over K, bps = K * kNR, ldb = kNR).
-template <typename M_>
+template <typename M_, typename KR = FullK>
 void gemm_tile(int64_t M, int64_t N, int64_t K, const M_* A, int64_t ars, int64_t aks, const M_* B, int64_t ldb,
-               M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR) {
+               M_* C, int64_t ldc, bool accumulate, int64_t bps = kNR, Prefetch* pf = nullptr, const KR& kr = KR()) {
   if constexpr (std::is_same_v<M_, float>) {
     for (int64_t n0 = 0; n0 < N; n0 += kNR, B += bps - kNR) {
       if (N - n0 >= kNR)
-        gemm_block<2>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
+        gemm_block<2>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate, pf, kr);
       else
-        gemm_block<1>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate);
+        gemm_block<1>(M, K, A, ars, aks, B + n0, ldb, C + n0, ldc, accumulate, pf, kr);
     }
   } else {  // fp64 (gradcheck only): plain loops
     for (int64_t m = 0; m < M; ++m) {
       M_* c = C + m * ldc;
       if (!accumulate)
         for (int64_t n = 0; n < N; ++n) c[n] = 0;
+      int64_t k0, k1;
+      kr(m / kMR * kMR, std::min<int64_t>(kMR, M - m / kMR * kMR), K, k0, k1);
       for (int64_t n0 = 0; n0 < N; n0 += kNR) {
         const int64_t nb = std::min<int64_t>(kNR, N - n0);
-        for (int64_t kk = 0; kk < K; ++kk) {
+        for (int64_t kk = k0; kk < k1; ++kk) {
           const M_ a = A[m * ars + kk * aks];
           const M_* b = B + (n0 / kNR) * bps + kk * ldb;
           for (int64_t n = 0; n < nb; ++n) c[n0 + n] += a * b[n];
@@ -200,6 +254,92 @@ inline float exp_or_zero(float x) {
   return bits_to_float(under ? 0u : float_to_bits(e));
 }
 inline double exp_or_zero(double x) { return std::exp(x); }
+
+// 2^x, exactly 0 below -125 (x = -inf: 0; no subnormal ever enters a product); the forward works in log2
+// units (Q scaled by scale * log2(e)), so its softmax needs no multiply by log2(e). 2^r on [-1/2, 1/2] by a
+// degree-6 minimax polynomial (relative error 2e-9, about 1 ulp after fp32 rounding). With AVX-512 the
+// reduction is one vreduceps and the scaling one masked vscalefps: 10 instructions per 16 exponentials
+// against 20 for exp_or_zero's (clamps, n / 2 split, two scale multiplies).
+inline vecf exp2_or_zero(vecf x) {
+  const auto poly = [](vecf r) {
+    vecf p = r * 1.534581242594868e-4f + 1.339993090368807e-3f;
+    p = p * r + 9.618489071726799e-3f;
+    p = p * r + 5.550328642129898e-2f;
+    p = p * r + 2.402264624834061e-1f;
+    p = p * r + 6.931471824645996e-1f;
+    return p * r + 1.0f;
+  };
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // x - round(x)
+  const __m512 n = _mm512_sub_ps(x, r);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);  // false for -inf, NaN
+  return _mm512_maskz_scalef_ps(keep, poly(r), n);
+#else
+  typedef int32_t vi __attribute__((vector_size(kVW * sizeof(int32_t))));
+  const vecf xc = x < -127.0f ? vecf{} - 127.0f : x;      // -inf: -127 (2^-127 becomes 0 below)
+  const vecf n = (xc + 12582912.0f) - 12582912.0f;       // round to nearest
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n, n in [-127, ..]: 0 for -127
+  vecf scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  const vecf y = poly(xc - n) * scale;
+  return x >= -125.0f ? y : vecf{};
+#endif
+}
+inline float exp2_or_zero(float x) {
+  vecf v{};
+  v[0] = x;
+  return exp2_or_zero(v)[0];
+}
+inline double exp2_or_zero(double x) { return std::exp2(x); }
+
+// A row's softmax reference (its running maximum) moves only when a tile's maximum exceeds it by more than
+// kLazy (log2 units, as FlashAttention-4): P entries up to 2^kLazy, no overflow, the same result, and most
+// tiles need no rescale of O.
+constexpr float kLazy = 8.0f;
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// One key tile's online-softmax step for one query row: s [n] (n a multiple of kVW, -inf where hidden) holds the
+// scores in log2 units and gets P = 2^(s - m); m (the row's reference) moves to the tile's maximum only when
+// that exceeds it by more than kLazy, alpha is then the factor for the row's O and sum (1: unchanged). Returns
+// the sum of P.
+template <typename M_>
+M_ softmax_row(M_* s, int64_t n, M_& m, M_& alpha) {
+  constexpr M_ ninf = -std::numeric_limits<M_>::infinity();
+  if constexpr (std::is_same_v<M_, float>) {
+    vecf x = vecf{} + ninf;
+    for (int64_t c = 0; c < n; c += kVW) {
+      const vecf v = vload(s + c);
+      x = v > x ? v : x;
+    }
+    float mx = x[0];
+    for (int i = 1; i < kVW; ++i) mx = x[i] > mx ? x[i] : mx;
+    if (mx > m + kLazy) {  // m = -inf: any visible key; nothing visible yet: m stays -inf
+      alpha = exp2_or_zero(m - mx);  // 0 where m was -inf (O and l are 0)
+      m = mx;
+    }
+    const vecf mu = vecf{} + (m == ninf ? 0.0f : m);  // an unseen row: every P entry is 2^-inf = 0
+    vecf acc{};
+    for (int64_t c = 0; c < n; c += kVW) {
+      const vecf p = exp2_or_zero(vload(s + c) - mu);
+      vstore(s + c, p);
+      acc += p;
+    }
+    float sum = 0;
+    for (int i = 0; i < kVW; ++i) sum += acc[i];
+    return sum;
+  } else {  // fp64 (gradcheck only)
+    M_ mx = ninf;
+    for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c]);
+    if (mx > m + kLazy) {
+      alpha = exp2_or_zero(m - mx);
+      m = mx;
+    }
+    const M_ mu = m == ninf ? M_(0) : m;
+    M_ sum = 0;
+    for (int64_t c = 0; c < n; ++c) sum += (s[c] = exp2_or_zero(s[c] - mu));
+    return sum;
+  }
+}
 
 // The visible key range of query row i of one sequence: [lo(i), hi(i)], both non-decreasing in i.
 struct SeqMask {
@@ -514,12 +654,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const T* v = static_cast<const T*>(a.v);
   T* out = static_cast<T*>(a.out);
   M_* lse_out = static_cast<M_*>(a.lse);
-  const M_ scale = static_cast<M_>(a.scale);
+  // Scores in log2 units: P = 2^(S - m) with no multiply per element; lse = ln 2 * (m + log2 l).
+  const M_ scale2 = static_cast<M_>(a.scale * kLog2e);
   const M_ ninf = -std::numeric_limits<M_>::infinity();
   const int nt0 = resolve_threads(a.num_threads, a.total_q * Hq, a.total_q * Hq * D * int64_t(sizeof(T)) * 4);
-  // Short path, staged per kv head: its query heads' scaled Q^T panels, K rows, V panels.
-  const auto stage_q = [&](int64_t lq) { return stage_size(round_up(lq, kNR) * D); };
-  const auto stage_k = [&](int64_t lk) { return stage_size(lk * D); };
+  // Short path, staged per kv head: its query heads' scaled Q rows, K^T panels, V rows.
+  const auto stage_q = [&](int64_t lq) { return stage_size(lq * D); };
+  const auto stage_k = [&](int64_t lk) { return stage_size(round_up(lk, kNR) * D); };
   const auto stage_v = [&](int64_t lk) { return stage_size(lk * Dp); };
   const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
   const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
@@ -528,84 +669,119 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const TileList tiles(a.cu_seqlens_q, a.batch, kFQ, plan);
   const int64_t long_items = tiles.count * Hq, items = long_items + plan.count;
   const int nt = static_cast<int>(std::min<int64_t>(nt0, std::max<int64_t>(items, 1)));
+  // The tiled path's keys, packed once per call (math type) in kNR-key panels, each sequence starting a panel
+  // (krow[b]: its first key's slot): K^T panels Ktg [Hk][Tkl / kNR][D][kNR] (keys past a sequence's end are
+  // zeros) and V panels Vg [Hk][Dpn / kNR][Tkl][kNR]. Copied per item out of the [T, H, D] inputs instead, each
+  // query tile re-read its head's K and V rows a page apart, again for every query head of a GQA group.
+  std::unique_ptr<int64_t[]> krow(new int64_t[a.batch + 1]);
+  int64_t Tkl = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    krow[b] = Tkl;
+    if (!plan.is_short(b)) Tkl += round_up(a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b], kNR);
+  }
+  const int64_t npan = Dpn / kNR;
+  std::unique_ptr<M_[]> Kgb(new M_[Tkl > 0 ? Hk * Tkl * D : 1]), Vgb(new M_[Tkl > 0 ? Hk * npan * Tkl * kNR : 1]);
+  const TileList kchunks(a.cu_seqlens_k, a.batch, 64, plan);
 
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qtb(new M_[D * kFQ]()), Kb(new M_[kFK * D]()), Vb(new M_[kFK * Dpn]()),
-        Stb(new M_[kFK * kFQ]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]), lb(new M_[kFQ]), mxb(new M_[kFQ]),
-        mub(new M_[kFQ]), smb(new M_[kFQ]), rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
+    {
+      std::unique_ptr<M_[]> rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]());
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < kchunks.count; ++t) {
+        const int64_t b = kchunks.seq[t], k0 = a.cu_seqlens_k[b], j0 = kchunks.row0[t];
+        const int64_t n = std::min<int64_t>(64, a.cu_seqlens_k[b + 1] - k0 - j0);
+        for (int64_t hk = 0; hk < Hk; ++hk) {
+          for (int64_t j = j0; j < j0 + round_up(n, kNR); j += kVW)  // the last panel's tail: zeros
+            put_rows_transposed<T, M_>(k + ((k0 + j) * Hk + hk) * D, Hk * D,
+                                       std::max<int64_t>(0, std::min<int64_t>(kVW, j0 + n - j)), D,
+                                       Kgb.get() + (hk * Tkl + krow[b] + j) / kNR * D * kNR + j % kNR, kNR, tmpb.get(),
+                                       M_(1));
+          for (int64_t j = j0; j < j0 + n; ++j)
+            put_row_panels<T, M_>(v + ((k0 + j) * Hk + hk) * D, D, Dpn,
+                                  Vgb.get() + (hk * npan * Tkl + krow[b] + j) * kNR, Tkl * kNR, rowb.get());
+        }
+      }
+    }
+    constexpr int64_t ldS = round_up(kFK, kVW) + kVW;  // S rows: an odd number of vectors (L1 sets)
+    std::unique_ptr<M_[]> Qb(new M_[kFQ * D]()), Sb(new M_[kFQ * ldS]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
+        lb(new M_[kFQ]), tmpb(new M_[kVW * Dpn]()),
         stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
-    M_ *St = Stb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get(), *mx = mxb.get(), *mu = mub.get(),
-       *sm = smb.get();
+    M_ *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
 
-    // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qt is their scaled, panel-packed
-    // transpose; kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at key rows [j0, j0 + nk) ([nk x D]) and Vp at the
-    // value rows as a product's B operand (rows vld apart, kNR-column blocks vbps apart: panels in the tiled path,
-    // plain rows in the short one). Writes lse, and the output rows to out or, when os is set, to os[r * lds]
-    // (the short path's token-major staging).
-    auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qt,
-                      auto&& kv_tile, M_* os, int64_t lds) {
-      const int64_t nip = round_up(ni, kNR);
+    // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qr holds them scaled (rows D apart);
+    // kv_tile(j0, nk, Kp, Vp, vld, vbps) points Kp at the K^T panels of keys [j0, j0 + nk) (j0 a multiple of kNR;
+    // [D][kNR] each, D * kNR apart) and Vp at the value rows as a product's B operand (rows vld apart, kNR-column
+    // blocks vbps apart: panels in the tiled path, plain rows in the short one). Writes lse, and the output rows to
+    // out or, when os is set, to os[r * lds] (the short path's token-major staging).
+    // S = Q K^T is kept row-major ([query][key]): P V then reads P's rows as 12 sequential streams (160 GFLOP/s on
+    // one core) where P^T's 12 consecutive floats per step, a row 1.5 KiB apart, reached 145.
+    auto attend = [&](int64_t h, int64_t q0, const SeqMask& mask, int64_t i0, int64_t ni, const M_* Qr,
+                      auto&& kv_tile, M_* os, int64_t lds, bool prefetch) {
       for (int64_t r = 0; r < ni; ++r) {
         m[r] = ninf;
         l[r] = 0;
       }
       std::memset(O, 0, sizeof(M_) * ni * Dp);
-      const int64_t kbeg = mask.lo(i0), kend = mask.hi(i0 + ni - 1) + 1;
+      const int64_t kbeg = mask.lo(i0) / kNR * kNR, kend = mask.hi(i0 + ni - 1) + 1;
       for (int64_t j0 = kbeg; j0 < kend; j0 += kFK) {
-        const int64_t nk = std::min<int64_t>(kFK, kend - j0);
+        const int64_t nk = std::min<int64_t>(kFK, kend - j0), nkv = round_up(nk, kVW);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
         const M_ *Kp, *Vp;
         int64_t vld, vbps;
         kv_tile(j0, nk, Kp, Vp, vld, vbps);
-        // Query rows [0, rs) see no key of this tile (causal / right window: a prefix of the tile); rs is
-        // a multiple of kNR so that the S^T product starts at a Q^T panel.
-        const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0)) / kNR * kNR;
-        gemm_tile<M_>(nk, nip - rs, D, Kp, D, 1, Qt + rs * D, kNR, St + rs, kFQ, false, D * kNR);  // S^T [nk x ni]
-        if (!full) {
-          for (int64_t r = rs; r < ni; ++r) {
-            const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
-            for (int64_t c = 0; c < nk; ++c)
-              if (c < lo || c > hi) St[c * kFQ + r] = ninf;
+        // Query rows [0, rs) see no key of this tile (causal / right window).
+        const int64_t rs = std::min<int64_t>(ni, std::max<int64_t>(0, mask.first_row(j0) - i0));
+        Prefetch pf;
+        if (prefetch && j0 + kFK < kend) {  // the next tile, spread over the S product's calls
+          const int64_t nk2 = std::min<int64_t>(kFK, kend - j0 - kFK);
+          const M_ *Kn, *Vn;
+          int64_t vld2, vbps2;
+          kv_tile(j0 + kFK, nk2, Kn, Vn, vld2, vbps2);
+          pf.add(Kn, round_up(nk2, kNR) * D * int64_t(sizeof(M_)));
+          for (int64_t p = 0; p < Dpn; p += kNR) pf.add(Vn + p / kNR * vbps2, nk2 * vld2 * int64_t(sizeof(M_)));
+          const int64_t calls = (nkv + kNR - 1) / kNR * ((ni - rs) / kMR);
+          pf.per_call = static_cast<int>(calls > 0 ? (pf.lines() + calls - 1) / calls : 0);
+        }
+        if (full) {
+          gemm_tile<M_>(ni - rs, nkv, D, Qr + rs * D, D, 1, Kp, kNR, S + rs * ldS, ldS, false, D * kNR, &pf);
+        } else {
+          // Per panel of kNR keys only the query rows that see one of them (the causal diagonal's hidden triangle
+          // is skipped); the rest is masked below.
+          for (int64_t n0 = 0; n0 < nkv; n0 += kNR) {
+            const int64_t r0 = std::max<int64_t>(rs, mask.first_row(j0 + n0) - i0);
+            const int64_t r1 = std::min<int64_t>(ni, mask.last_row(j0 + std::min<int64_t>(nk, n0 + kNR)) - i0);
+            if (r1 > r0)
+              gemm_tile<M_>(r1 - r0, std::min<int64_t>(kNR, nkv - n0), D, Qr + r0 * D, D, 1, Kp + n0 * D, kNR,
+                            S + r0 * ldS + n0, ldS, false, D * kNR, &pf);
           }
         }
-        // Column (= query row) maxima and sums, vectorised over the query rows.
-        for (int64_t r = rs; r < ni; ++r) mx[r] = m[r];
-        for (int64_t c = 0; c < nk; ++c) {
-          const M_* s = St + c * kFQ;
-#pragma omp simd
-          for (int64_t r = rs; r < ni; ++r) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
-        }
-#pragma omp simd
+        // Online softmax per query row; columns [nk, nkv) and, on a masked tile, the keys a row does not see are
+        // -inf. The reference m moves only by more than kLazy; O's row is rescaled then.
         for (int64_t r = rs; r < ni; ++r) {
-          mu[r] = mx[r] == ninf ? M_(0) : mx[r];  // nothing visible yet: every P entry is exp(-inf) = 0
-          sm[r] = 0;
-        }
-        for (int64_t c = 0; c < nk; ++c) {
-          M_* s = St + c * kFQ;
-#pragma omp simd
-          for (int64_t r = rs; r < ni; ++r) {
-            const M_ p = exp_or_zero(s[r] - mu[r]);
-            s[r] = p;
-            sm[r] += p;
-          }
-        }
-        for (int64_t r = rs; r < ni; ++r) {
-          if (m[r] == ninf) {  // the first visible tile: O and l are still 0
-            l[r] = sm[r];
-            m[r] = mx[r];
-          } else if (m[r] != mx[r]) {
-            const M_ alpha = std::exp(m[r] - mx[r]);
+          M_* s = S + r * ldS;
+          const int64_t lo = full ? 0 : std::min<int64_t>(nkv, std::max<int64_t>(0, mask.lo(i0 + r) - j0));
+          const int64_t hi = full ? nk : std::min<int64_t>(nk, mask.hi(i0 + r) - j0 + 1);
+          for (int64_t c = 0; c < lo; ++c) s[c] = ninf;
+          for (int64_t c = std::max<int64_t>(hi, 0); c < nkv; ++c) s[c] = ninf;
+          M_ alpha = 1;
+          const M_ sum = softmax_row<M_>(s, nkv, m[r], alpha);
+          l[r] = l[r] * alpha + sum;
+          if (alpha != M_(1)) {
             M_* o = O + r * Dp;
 #pragma omp simd
             for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-            l[r] = l[r] * alpha + sm[r];
-            m[r] = mx[r];
-          } else {
-            l[r] += sm[r];
           }
         }
-        gemm_tile<M_>(ni - rs, Dp, nk, St + rs, 1, kFQ, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
+        if (full) {
+          gemm_tile<M_>(ni - rs, Dp, nk, S + rs * ldS, ldS, 1, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V
+        } else {  // a block of query rows takes only the keys it sees (P is 0 elsewhere: exact)
+          const auto band = [&](int64_t mm, int64_t rows, int64_t, int64_t& k0, int64_t& k1) {
+            k0 = std::max<int64_t>(0, mask.lo(i0 + rs + mm) - j0);
+            k1 = std::min<int64_t>(nk, mask.hi(i0 + rs + mm + rows - 1) - j0 + 1);
+          };
+          gemm_tile<M_>(ni - rs, Dp, nk, S + rs * ldS, ldS, 1, Vp, vld, O + rs * Dp, Dp, true, vbps, nullptr, band);
+        }
       }
       for (int64_t r = 0; r < ni; ++r) {
         M_* o = O + r * Dp;
@@ -616,7 +792,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         } else {
           for (int64_t c = 0; c < D; ++c) o[c] = 0;
         }
-        lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : ninf;
+        lse_out[h * a.total_q + q0 + i0 + r] = l[r] > 0 ? (m[r] + std::log2(l[r])) * M_(kLn2) : ninf;
       }
       if (os)
         for (int64_t r = 0; r < ni; ++r) copy_row<M_>(O + r * Dp, os + r * lds, D);
@@ -632,35 +808,32 @@ void fwd_kernel(const AttentionFwdArgs& a) {
         const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
         const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
         const int64_t i0 = tiles.row0[t], ni = std::min<int64_t>(kFQ, mask.lq - i0);
-        // Q^T (scaled) once per item: S^T = K Q^T needs no per-key-tile transpose.
-        pack_rows_transposed<T, M_>(q, q0 + i0, ni, Hq, h, D, Qtb.get(), tmpb.get(), scale);
-        attend(h, q0, mask, i0, ni, Qtb.get(), [&](int64_t j0, int64_t nk, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
-          // K rows copied to a contiguous tile: read in place (rows Hk * D apart), every row is on another page.
-          load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), D, M_(1));
-          pack_rows<T, M_>(v, k0 + j0, nk, Hk, hk, D, Dpn, Vb.get(), rowb.get());
-          Kp = Kb.get();
-          Vp = Vb.get();
+        load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), D, scale2);
+        attend(h, q0, mask, i0, ni, Qb.get(), [&](int64_t j0, int64_t, const M_*& Kp, const M_*& Vp, int64_t& vld, int64_t& vbps) {
+          Kp = Kgb.get() + (hk * Tkl + krow[b] + j0) * D;  // krow[b] + j0 is a multiple of kNR
+          Vp = Vgb.get() + (hk * npan * Tkl + krow[b] + j0) * kNR;
           vld = kNR;
-          vbps = nk * kNR;
-        }, nullptr, 0);
+          vbps = Tkl * kNR;
+        }, nullptr, 0, true);
         continue;
       }
-      // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q^T, K, V of every head of the chunk
+      // Short sequence, kv heads [hk0, hk1) and their query heads: stage Q, K^T, V of every head of the chunk
       // (token-major reads), then attend per head from the staged copies.
       const int64_t s = item - long_items, b = plan.seq[s], hk0 = plan.hk0[s];
       const int64_t hk1 = std::min<int64_t>(Hk, hk0 + plan.chunk[b]), hq0 = hk0 * group, hq1 = hk1 * group;
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t lq = mask.lq, lk = mask.lk, sq = stage_q(lq), sk = stage_k(lk), sv = stage_v(lk);
-      M_* Qs = stageb.get();             // [hq1 - hq0][panel-packed Q^T of lq rows]
-      M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][lk x D]
+      M_* Qs = stageb.get();             // [hq1 - hq0][lq x D], scaled
+      M_* Ks = Qs + (hq1 - hq0) * sq;    // [hk1 - hk0][K^T panels of lk keys, zeros past lk]
       M_* Vs = Ks + (hk1 - hk0) * sk;    // [hk1 - hk0][lk x Dp]
       M_* Os = Vs + (hk1 - hk0) * sv;    // [lq][hq1 - hq0][D]: the output, token-major
-      for_row_blocks_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t n) {
-        put_rows_transposed<T, M_>(rows, lds, n, D, Qs + hl * sq + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), scale);
+      for_rows_of_heads(q, q0, lq, Hq, hq0, hq1, D, [&](int64_t r, int64_t hl, const T* row) {
+        put_row<T, M_>(row, D, Qs + hl * sq + r * D, scale2);
       });
-      for_rows_of_heads(k, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
-        put_row<T, M_>(row, D, Ks + hl * sk + r * D, M_(1));
+      for_row_blocks_of_heads(k, k0, round_up(lk, kNR), Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* rows, int64_t lds, int64_t) {
+        put_rows_transposed<T, M_>(rows, lds, std::max<int64_t>(0, std::min<int64_t>(kVW, lk - r)), D,
+                                   Ks + hl * sk + (r / kNR) * D * kNR + r % kNR, kNR, tmpb.get(), M_(1));
       });
       for_rows_of_heads(v, k0, lk, Hk, hk0, hk1, D, [&](int64_t r, int64_t hl, const T* row) {
         put_row<T, M_>(row, D, Vs + hl * sv + r * Dp, M_(1));
@@ -675,7 +848,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
                    Vp = Vh + j0 * Dp;
                    vld = Dp;
                    vbps = kNR;
-                 }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D);
+                 }, Os + i0 * (hq1 - hq0) * D + (h - hq0) * D, (hq1 - hq0) * D, false);
       }
       store_rows_of_heads<T, M_>(Os, q0, lq, Hq, hq0, hq1, D, out, M_(1));
     }
@@ -687,6 +860,10 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   using M_ = math_t<T>;
   const int64_t D = a.dim, Hq = a.heads_q, Hk = a.heads_k, group = Hq / Hk, Tq = a.total_q;
   const int64_t Dp = round_up(D, kVW), Dpn = round_up(D, kNR);
+  // Leading dimensions of the tiled path's row buffers: an odd number of vectors, so that the kNR-wide column
+  // blocks a product reads down a B operand do not all fall in the same few L1 sets (512-byte rows map to 16 of
+  // the 64 sets).
+  const int64_t ldr = (Dp / kVW) % 2 ? Dp : Dp + kVW;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
@@ -761,6 +938,30 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   std::unique_ptr<M_[]> dQpart(dq_in_pass1 ? new M_[nt * part] : nullptr);
   const TileList ktiles(a.cu_seqlens_k, a.batch, kBK, plan);
   const int64_t kitems = ktiles.count * Hk;
+  // Pass-1 items go to threads by a fixed rule, not dynamically: which thread's dQ partial an item lands in must
+  // not depend on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks). The
+  // rule balances the estimated work (visible pairs), largest first onto the least loaded thread: round-robin gave
+  // causal S 2048 one thread 72 and the other 64 key tiles' worth of pairs per head.
+  std::unique_ptr<int[]> owner(new int[kitems > 0 ? kitems : 1]);
+  {
+    std::unique_ptr<int64_t[]> cost(new int64_t[kitems > 0 ? kitems : 1]), order(new int64_t[kitems > 0 ? kitems : 1]);
+    for (int64_t item = 0; item < kitems; ++item) {
+      const int64_t t = item % ktiles.count, b = ktiles.seq[t];
+      const SeqMask mask(a.cu_seqlens_q[b + 1] - a.cu_seqlens_q[b], a.cu_seqlens_k[b + 1] - a.cu_seqlens_k[b], a);
+      const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0);
+      cost[item] = nk * std::max<int64_t>(1, mask.last_row(j0 + nk) - mask.first_row(j0));
+      order[item] = item;
+    }
+    std::stable_sort(order.get(), order.get() + kitems, [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+    std::unique_ptr<int64_t[]> load(new int64_t[nt]());
+    for (int64_t i = 0; i < kitems; ++i) {
+      int th = 0;
+      for (int u = 1; u < nt; ++u)
+        if (load[u] < load[th]) th = u;
+      owner[order[i]] = th;
+      load[th] += cost[order[i]];
+    }
+  }
 #pragma omp parallel num_threads(nt)
   {
     M_* dQacc = nullptr;
@@ -770,9 +971,9 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
     }
     const bool tiled = kitems > 0;
-    std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * Dp : 1]()), Gb(new M_[tiled ? kBQ * Dp : 1]()),
-        Kb(new M_[tiled && dq_in_pass1 ? kBK * Dp : 1]()), Ktb(new M_[tiled ? D * kBK : 1]()),
-        Vtb(new M_[tiled ? D * kBK : 1]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+    std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * ldr : 1]()), Gb(new M_[tiled ? kBQ * ldr : 1]()),
+        Kb(new M_[tiled && dq_in_pass1 ? kBK * ldr : 1]()), Ktb(new M_[tiled ? D * kBKp : 1]()),
+        Vtb(new M_[tiled ? D * kBKp : 1]()), Sb(new M_[kBQ * kBKp]()), dPb(new M_[kBQ * kBKp]()),
         dKb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()),
         dVb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()), dQb(new M_[plan.max_lq * Dp + 1]()),
         rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
@@ -784,45 +985,67 @@ void bwd_kernel(const AttentionBwdArgs& a) {
     // at j0 (ld Dp; nullptr: no dQ); dK_, dV_ at row j0, dQ_ at row i0 (ld Dp).
     auto products = [&](const SeqMask& mask, int64_t i0, int64_t ni, int64_t j0, int64_t nk, const M_* Q,
                         const M_* G, int64_t ldq, const M_* Kt_, const M_* Vt_, int64_t ldkt, const M_* Kr,
-                        const M_* lse_r, const M_* dv_r, M_* dK_, M_* dV_, M_* dQ_) {
+                        int64_t ldkr, const M_* lse_r, const M_* dv_r, M_* dK_, M_* dV_, M_* dQ_) {
       const int64_t nkp = round_up(nk, kNR);
       const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-      gemm_tile<M_>(ni, nkp, D, Q, ldq, 1, Kt_, ldkt, S, kBK, false);
-      probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-      gemm_tile<M_>(nk, Dp, ni, S, 1, kBK, G, ldq, dV_, Dp, true);      // dV += P^T dO
-      gemm_tile<M_>(ni, nkp, D, G, ldq, 1, Vt_, ldkt, dP, kBK, false);  // dP = dO V^T
+      // [ni x nk] products: on a tile the mask crosses, per kNR-wide block of keys only the query rows that see
+      // one of them (the causal diagonal's hidden triangle is skipped; probabilities() zeroes the rest of P).
+      const auto rows_by_keys = [&](const M_* A, const M_* B, M_* C) {
+        if (full) return gemm_tile<M_>(ni, nkp, D, A, ldq, 1, B, ldkt, C, kBKp, false);
+        for (int64_t n0 = 0; n0 < nkp; n0 += kNR) {
+          const int64_t r0 = std::max<int64_t>(0, mask.first_row(j0 + n0) - i0);
+          const int64_t r1 = std::min<int64_t>(ni, mask.last_row(j0 + std::min<int64_t>(nk, n0 + kNR)) - i0);
+          if (r1 > r0)
+            gemm_tile<M_>(r1 - r0, kNR, D, A + r0 * ldq, ldq, 1, B + n0, ldkt, C + r0 * kBKp + n0, kBKp, false);
+        }
+      };
+      // Accumulating products over the query rows (C rows = keys) or the keys (C rows = query rows): each block of
+      // C rows takes only the inner range its rows see (P and dS are 0 elsewhere: exact).
+      const auto by_key_rows = [&](int64_t m, int64_t rows, int64_t K, int64_t& k0, int64_t& k1) {
+        k0 = full ? 0 : std::max<int64_t>(0, mask.first_row(j0 + m) - i0);
+        k1 = full ? K : std::min<int64_t>(K, mask.last_row(j0 + m + rows) - i0);
+      };
+      const auto by_query_rows = [&](int64_t m, int64_t rows, int64_t K, int64_t& k0, int64_t& k1) {
+        k0 = full ? 0 : std::max<int64_t>(0, mask.lo(i0 + m) - j0);
+        k1 = full ? K : std::min<int64_t>(K, mask.hi(i0 + m + rows - 1) - j0 + 1);
+      };
+      rows_by_keys(Q, Kt_, S);
+      probabilities<M_>(S, kBKp, lse_r, ni, nk, i0, j0, mask, full);
+      gemm_tile<M_>(nk, Dp, ni, S, 1, kBKp, G, ldq, dV_, Dp, true, kNR, nullptr, by_key_rows);  // dV += P^T dO
+      rows_by_keys(G, Vt_, dP);                                                                  // dP = dO V^T
       for (int64_t r = 0; r < ni; ++r) {
-        M_* d = dP + r * kBK;
-        const M_* p = S + r * kBK;
+        M_* d = dP + r * kBKp;
+        const M_* p = S + r * kBKp;
         const M_ dvr = dv_r[r];
+        const int64_t lo = full ? 0 : mask.lo(i0 + r) - j0, hi = full ? nk - 1 : mask.hi(i0 + r) - j0;
 #pragma omp simd
-        for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
+        for (int64_t c = 0; c < nk; ++c) d[c] = c >= lo && c <= hi ? p[c] * (d[c] - dvr) : M_(0);  // dS
       }
-      gemm_tile<M_>(nk, Dp, ni, dP, 1, kBK, Q, ldq, dK_, Dp, true);     // dK += dS^T Q (scaled on store)
-      if (Kr) gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, Kr, Dp, dQ_, Dp, true);  // dQ += dS K (scaled on store)
+      gemm_tile<M_>(nk, Dp, ni, dP, 1, kBKp, Q, ldq, dK_, Dp, true, kNR, nullptr, by_key_rows);  // dK += dS^T Q
+      if (Kr)  // dQ += dS K (both scaled on store)
+        gemm_tile<M_>(ni, Dp, nk, dP, kBKp, 1, Kr, ldkr, dQ_, Dp, true, kNR, nullptr, by_query_rows);
     };
 
-    // static round-robin, not dynamic: which thread's dQ partial an item lands in must not depend
-    // on timing, or the dQ sum changes in its last bits from run to run (and exact resume breaks).
-#pragma omp for schedule(static, 1) nowait
+    const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
     for (int64_t item = 0; item < kitems; ++item) {
+      if (owner[item] % nthr != tid) continue;  // in item order (head-major) within a thread
       const int64_t t = item % ktiles.count, hk = item / ktiles.count, b = ktiles.seq[t];
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t j0 = ktiles.row0[t], nk = std::min<int64_t>(kBK, mask.lk - j0);
-      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), scale);
-      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
-      if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), Dp, M_(1));
+      load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBKp, tmpb.get(), scale);
+      load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBKp, tmpb.get(), M_(1));
+      if (dq_in_pass1) load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kb.get(), ldr, M_(1));
       std::memset(dK, 0, sizeof(M_) * nk * Dp);
       std::memset(dV, 0, sizeof(M_) * nk * Dp);
       const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
-          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), Dp, M_(1));
-          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), Dp, M_(1));
+          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), ldr, M_(1));
+          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), ldr, M_(1));
           const int64_t lr = h * Tl + lrow[b] + i0;
-          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), Dp, Kt, Vt, kBK, dq_in_pass1 ? Kb.get() : nullptr,
+          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), ldr, Kt, Vt, kBKp, dq_in_pass1 ? Kb.get() : nullptr, ldr,
                    lse + h * Tq + q0 + i0, Dv.get() + lr, dK, dV, dq_in_pass1 ? dQacc + lr * Dp : nullptr);
         }
       store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
@@ -886,7 +1109,7 @@ void bwd_kernel(const AttentionBwdArgs& a) {
             const int64_t ibeg = mask.first_row(j0), iend = mask.last_row(j0 + nk);
             for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ)
               products(mask, i0, std::min<int64_t>(kBQ, iend - i0), j0, nk, Qh + i0 * Dp, Gh + i0 * Dp, Dp,
-                       Kth + j0, Vth + j0, lkp, Krh + j0 * Dp, lse + h * Tq + q0 + i0, Dvh + i0, dK + j0 * Dp,
+                       Kth + j0, Vth + j0, lkp, Krh + j0 * Dp, Dp, lse + h * Tq + q0 + i0, Dvh + i0, dK + j0 * Dp,
                        dV + j0 * Dp, dQ + i0 * Dp);
           }
           unstage(dQ, lq, dQs + (h - hq0) * D, (hq1 - hq0) * D);
@@ -924,8 +1147,8 @@ void bwd_kernel(const AttentionBwdArgs& a) {
   const int64_t qitems = qtiles.count * Hq;
 #pragma omp parallel num_threads(nt)
   {
-    std::unique_ptr<M_[]> Qb(new M_[kBQ * Dp]()), Gb(new M_[kBQ * Dp]()), Ktb(new M_[D * kBK]()),
-        Kb(new M_[kBK * Dp]()), Vtb(new M_[D * kBK]()), Sb(new M_[kBQ * kBK]()), dPb(new M_[kBQ * kBK]()),
+    std::unique_ptr<M_[]> Qb(new M_[kBQ * ldr]()), Gb(new M_[kBQ * ldr]()), Ktb(new M_[D * kBKp]()),
+        Kb(new M_[kBK * ldr]()), Vtb(new M_[D * kBKp]()), Sb(new M_[kBQ * kBKp]()), dPb(new M_[kBQ * kBKp]()),
         dQb(new M_[kBQ * Dp]()), tmpb(new M_[kVW * Dpn]());
     M_ *Q = Qb.get(), *G = Gb.get(), *Kt = Ktb.get(), *K = Kb.get(), *Vt = Vtb.get(), *S = Sb.get(),
        *dP = dPb.get(), *dQ = dQb.get();
@@ -935,8 +1158,8 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       const int64_t q0 = a.cu_seqlens_q[b], k0 = a.cu_seqlens_k[b];
       const SeqMask mask(a.cu_seqlens_q[b + 1] - q0, a.cu_seqlens_k[b + 1] - k0, a);
       const int64_t i0 = qtiles.row0[t], ni = std::min<int64_t>(kBQ, mask.lq - i0);
-      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, Dp, scale);
-      load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, Dp, M_(1));
+      load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Q, ldr, scale);
+      load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, G, ldr, M_(1));
       std::memset(dQ, 0, sizeof(M_) * ni * Dp);
       const M_* lse_r = lse + h * Tq + q0 + i0;
       const M_* dv_r = Dv.get() + h * Tl + lrow[b] + i0;
@@ -944,20 +1167,20 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
         const int64_t nk = std::min<int64_t>(kBK, kend - j0), nkp = round_up(nk, kNR);
         const bool full = mask.full(i0, i0 + ni, j0, j0 + nk);
-        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBK, tmpb.get(), M_(1));
-        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, Dp, M_(1));
-        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBK, tmpb.get(), M_(1));
-        gemm_tile<M_>(ni, nkp, D, Q, Dp, 1, Kt, kBK, S, kBK, false);
-        probabilities<M_>(S, kBK, lse_r, ni, nk, i0, j0, mask, full);
-        gemm_tile<M_>(ni, nkp, D, G, Dp, 1, Vt, kBK, dP, kBK, false);
+        load_rows_transposed<T, M_>(k, k0 + j0, nk, Hk, hk, D, Kt, kBKp, tmpb.get(), M_(1));
+        load_rows<T, M_>(k, k0 + j0, nk, Hk, hk, D, K, ldr, M_(1));
+        load_rows_transposed<T, M_>(v, k0 + j0, nk, Hk, hk, D, Vt, kBKp, tmpb.get(), M_(1));
+        gemm_tile<M_>(ni, nkp, D, Q, ldr, 1, Kt, kBKp, S, kBKp, false);
+        probabilities<M_>(S, kBKp, lse_r, ni, nk, i0, j0, mask, full);
+        gemm_tile<M_>(ni, nkp, D, G, ldr, 1, Vt, kBKp, dP, kBKp, false);
         for (int64_t r = 0; r < ni; ++r) {
-          M_* d = dP + r * kBK;
-          const M_* p = S + r * kBK;
+          M_* d = dP + r * kBKp;
+          const M_* p = S + r * kBKp;
           const M_ dvr = dv_r[r];
 #pragma omp simd
           for (int64_t c = 0; c < nk; ++c) d[c] = p[c] * (d[c] - dvr);
         }
-        gemm_tile<M_>(ni, Dp, nk, dP, kBK, 1, K, Dp, dQ, Dp, true);  // dQ += dS K
+        gemm_tile<M_>(ni, Dp, nk, dP, kBKp, 1, K, ldr, dQ, Dp, true);  // dQ += dS K
       }
       store_rows<T, M_>(dQ, Dp, q0 + i0, ni, Hq, h, D, dq, scale);
     }
