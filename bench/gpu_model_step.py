@@ -383,26 +383,31 @@ def main(argv=None) -> int:
                        targets=targets(records), elapsed_s=round(time.monotonic() - start, 1))
         common.write_json(out, payload)
 
-    with tempfile.TemporaryDirectory(prefix="mmfuse-gpu-model-", dir=args.tmp_dir) as tmp:
-        t0 = time.monotonic()
-        write_weights(cfg, Path(tmp), device, dtype, args.seed)
-        payload["setup"]["weights_write_s"] = round(time.monotonic() - t0, 1)
-        print(f"weights written in {payload['setup']['weights_write_s']} s")
-        for provider in providers:
-            left = args.limit_s - (time.monotonic() - start)
-            if provider == HF_LIGER and liger.unavailable_reason():
-                rec = {"provider": provider, "status": "skipped", "reason": liger.unavailable_reason()}
-            elif left < MIN_START_S:
-                rec = {"provider": provider, "status": "skipped", "reason": f"{left:.0f} s left of --limit-s"}
-            else:
-                rec = run_child(provider, args, Path(tmp), min(PROVIDER_LIMIT_S[provider], left))
-            if rec.get("status") == "ok":
-                rec["tflops"] = flops / (rec["p50_ms"] * 1e-3) / 1e12
-                if peak:
-                    rec.update(peak_tflops=peak, mfu=rec["tflops"] / peak)
-            print(describe(rec), flush=True)
-            records.append(rec)
-            save("running")
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmfuse-gpu-model-", dir=args.tmp_dir) as tmp:
+            t0 = time.monotonic()
+            write_weights(cfg, Path(tmp), device, dtype, args.seed)
+            payload["setup"]["weights_write_s"] = round(time.monotonic() - t0, 1)
+            print(f"weights written in {payload['setup']['weights_write_s']} s")
+            for provider in providers:
+                left = args.limit_s - (time.monotonic() - start)
+                if provider == HF_LIGER and liger.unavailable_reason():
+                    rec = {"provider": provider, "status": "skipped", "reason": liger.unavailable_reason()}
+                elif left < MIN_START_S:
+                    rec = {"provider": provider, "status": "skipped", "reason": f"{left:.0f} s left of --limit-s"}
+                else:
+                    rec = run_child(provider, args, Path(tmp), min(PROVIDER_LIMIT_S[provider], left))
+                if rec.get("status") == "ok":
+                    rec["tflops"] = flops / (rec["p50_ms"] * 1e-3) / 1e12
+                    if peak:
+                        rec.update(peak_tflops=peak, mfu=rec["tflops"] / peak)
+                print(describe(rec), flush=True)
+                records.append(rec)
+                save("running")
+    except KeyboardInterrupt:                      # the time limit of gpu_model_check.sh: keep what was measured
+        save("interrupted")
+        print(f"interrupted; wrote {out}")
+        return 130
     save("complete")
     check = payload["loss_check"]
     print(f"step-0 loss vs mmfuse: {check['status']} (rtol {check['rtol']}) "
