@@ -11,6 +11,9 @@ flushed between reps). Shapes are Qwen2.5-VL-3B's (hidden 2048, intermediate 110
 heads of dim 128) with 8192 rows / 4096 tokens, plus hidden 3584 (7B) for rms_norm; bf16.
 
     python bench/gpu_bandwidth.py [--out-dir DIR] [--budget-s 120] [--dtypes bf16,fp32]
+    python bench/gpu_bandwidth.py --ops rms_norm,swiglu,rotary,apply_mrope --providers liger --tag liger
+        (only the Liger comparisons: a rerun when gpu_check.sh's budget skipped some; liger_kernel
+        on PYTHONPATH, e.g. pip install --no-index --no-deps --target DIR bench/wheels/liger_kernel-*.whl)
 
 Writes DIR/gpu-<card>-<date>.json (DIR: $OUT when set, else bench/results). Without a GPU,
 `--device cpu --quick` runs every provider once on small shapes (a smoke test of this script).
@@ -47,6 +50,11 @@ LIGER = "liger"
 # (baseline provider, the ops it has, mode, mmfuse at least this many times faster): issue 4's
 # "fwd+bwd >= 1.2x Liger-Kernel where it has the op".
 TARGETS = ((LIGER, ("rms_norm", "add_rms_norm", "swiglu", "rotary", "apply_mrope"), "fwd+bwd", 1.2),)
+# Order of the cases: the ops of issue 4's Liger targets first, so a run that reaches --budget-s
+# skips the others.
+ORDER = ("rms_norm", "swiglu", "rotary", "apply_mrope", "add_rms_norm", "swiglu_packed")
+# Kept by --providers whatever it says: the agreement check compares them.
+ALWAYS = ("mmfuse", "hf_eager")
 
 
 class Skipped:
@@ -324,11 +332,23 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp32")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test with --quick")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test; timings not meaningful)")
+    p.add_argument("--ops", default=None, help=f"comma list of ops (default: all of {', '.join(ORDER)})")
+    p.add_argument("--providers", default=None,
+                   help="comma list of baselines to time besides mmfuse and hf_eager (default: all), e.g. liger")
+    p.add_argument("--tag", default=None, help="appended to the output file name: gpu-<card>-<date>-<tag>.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --device cpu --quick for a smoke test", file=sys.stderr)
         return 2
+    ops = set(args.ops.split(",")) if args.ops else set(ORDER)
+    keep = set(ALWAYS) | set(args.providers.split(",")) if args.providers else None
+
+    def selected(device, dtype):
+        """The cases of --ops in ORDER, with the providers of --providers."""
+        out = sorted((c for c in cases(device, dtype, args.quick) if c[0] in ops), key=lambda c: ORDER.index(c[0]))
+        return [(*c[:5], {n: f for n, f in c[5].items() if keep is None or n in keep}) for c in out]
+
     start = time.monotonic()
     env = environment(device)
     print(f"device {env.get('gpu', device)}  torch {torch.__version__}  triton {env['triton']}  "
@@ -337,7 +357,7 @@ def main(argv=None) -> int:
           f"{'% copy':>7} {'mmfuse x':>9}")
     records = []
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    out = args.out_dir / f"gpu-{card_slug(device)}-{date}.json"
+    out = args.out_dir / f"gpu-{card_slug(device)}-{date}{'-' + args.tag if args.tag else ''}.json"
 
     def save(status: str) -> None:
         # Rewritten after every case, so a run stopped by a time limit keeps what it measured.
@@ -352,7 +372,7 @@ def main(argv=None) -> int:
     try:
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname.strip()]
-            for case in cases(device, dtype, args.quick):
+            for case in selected(device, dtype):
                 if time.monotonic() - start > args.budget_s:
                     records.append({"op": case[0], "shape": case[1], "dtype": dname, "status": "skipped",
                                     "reason": f"time budget of {args.budget_s:.0f} s spent"})

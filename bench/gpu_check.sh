@@ -111,7 +111,9 @@ pytest_groups "op tests on cuda (Triton backend)" 140 \
   "triton and (window or gqa or unequal)" "$attn" \
   "triton and not ($parts)" "$attn"
 
-# Liger adds a provider to five of the seven cases: ~2 s to import it and ~10 kernels to compile.
+# Liger adds a provider to five of the seven cases: ~2 s to import it and ~10 kernels to compile
+# (~15 s in all). The ops of its targets run first; cases past the budget are recorded as skipped
+# (rerun just those: see the usage lines of bench/gpu_bandwidth.py, --providers liger --tag liger).
 step "bandwidth benchmark (vs F.rms_norm, eager, torch.compile, Liger-Kernel)" 45 \
   env PYTHONPATH="$BENCH_PYTHONPATH" "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 30
 
