@@ -307,8 +307,8 @@ def targets(records: list[dict]) -> list[dict]:
                 continue
             mine = next((r for r in rs if r.get("provider") == "mmfuse" and r.get("mode") == mode), None)
             other = next((r for r in rs if r.get("provider") == provider and r.get("mode") == mode), None)
-            row = {"op": op, "shape": shape, "dtype": dtype, "target": f"{mode} >= {threshold:g}x faster than {provider}",
-                   "baseline": provider, "mode": mode, "threshold": threshold, "value": None, "detail": ""}
+            row = {"op": op, "shape": shape, "dtype": dtype,
+                   "target": f"{mode} >= {threshold:g}x faster than {provider}", "baseline": provider, "mode": mode, "threshold": threshold, "value": None, "detail": ""}
             if all(r.get("status") == "skipped" and "provider" not in r for r in rs):
                 row.update(status="n/a", reason=f"case skipped: {rs[0]['reason']}")
             elif mine is None or other is None or mine["status"] != "ok" or other["status"] != "ok":

@@ -72,7 +72,7 @@ pytest_groups() {
 LIGER_DIR=$(mktemp -d)
 trap 'rm -rf "$LIGER_DIR"' EXIT
 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check -q --target "$LIGER_DIR" \
-  bench/wheels/liger_kernel-*-py3-none-any.whl || echo "!! liger-kernel wheel did not install: Liger recorded as skipped"
+  bench/wheels/liger_kernel-*-py3-none-any.whl || echo "!! liger-kernel wheel did not install: Liger skipped"
 BENCH_PYTHONPATH="$LIGER_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 printf '== versions (commit %s)\n' "$MMFUSE_COMMIT"
@@ -89,8 +89,9 @@ except ImportError:
     print("triton NOT installed: CUDA tensors would run the reference")
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
-PYTHONPATH="$BENCH_PYTHONPATH" "$PY" -c "from importlib.metadata import version; print('liger_kernel', version('liger_kernel'))" \
-  2>/dev/null || echo "liger_kernel NOT importable"
+PYTHONPATH="$BENCH_PYTHONPATH" "$PY" -c \
+  "from importlib.metadata import version; print('liger_kernel', version('liger_kernel'))" 2>/dev/null \
+  || echo "liger_kernel NOT importable"
 
 step "build (pip install --no-build-isolation --no-deps .)" 90 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .

@@ -36,7 +36,7 @@ unset TRITON_INTERPRET MMFUSE_BACKEND
 LIGER_DIR=$(mktemp -d)
 trap 'rm -rf "$LIGER_DIR"' EXIT
 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check -q --target "$LIGER_DIR" \
-  bench/wheels/liger_kernel-*-py3-none-any.whl || echo "!! liger-kernel wheel did not install: hf_liger recorded as skipped"
+  bench/wheels/liger_kernel-*-py3-none-any.whl || echo "!! liger-kernel wheel did not install: hf_liger skipped"
 export PYTHONPATH="$LIGER_DIR:python${PYTHONPATH:+:$PYTHONPATH}"
 
 printf '== versions (commit %s)\n' "$MMFUSE_COMMIT"

@@ -86,7 +86,6 @@ MIN_START_S = 30             # a provider is not started with less time than thi
 # (provider, what, at least / at most, threshold)
 TARGETS = (("tokens_per_s", HF, ">=", 2.0), ("tokens_per_s", HF_LIGER, ">=", 1.5), ("mfu", None, ">=", 0.40),
            ("peak_bytes", HF, "<=", 0.7))
-IGNORE = -100
 
 
 # ---- the child: one provider -------------------------------------------------------------------
@@ -171,10 +170,10 @@ def run_provider(args) -> dict:
     sync(device)
     out["load_s"] = time.perf_counter() - t0
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    mm_inputs, hf_inputs, tokens, _ = make_inputs(cfg, QUICK_LAYOUT if args.quick else LAYOUT, device, dtype,
+    mm_inputs, hf_inputs, tokens, label_tokens = make_inputs(cfg, QUICK_LAYOUT if args.quick else LAYOUT, device, dtype,
                                                   args.seed)
     inputs = mm_inputs if args.child in (MMFUSE, MMFUSE_RECOMPUTE) else hf_inputs
-    # Fused AdamW: one kernel launch set for all parameters (CUDA; the CPU has a fused path too).
+    # fused=True: the whole update in a few multi-tensor kernels (transformers' optim="adamw_torch_fused").
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     losses, times = [], []
     timed_start = None
@@ -196,8 +195,8 @@ def run_provider(args) -> dict:
     s = sorted(times)
     p50 = common.quantile(s, 0.5)
     out.update(status="ok", loss_step0=losses[0], losses=losses, step_s=times, reps=len(times), tokens=tokens,
-               p50_ms=1e3 * p50, p20_ms=1e3 * common.quantile(s, 0.2), p80_ms=1e3 * common.quantile(s, 0.8),
-               tokens_per_s=tokens / p50)
+               label_tokens=label_tokens, p50_ms=1e3 * p50, p20_ms=1e3 * common.quantile(s, 0.2),
+               p80_ms=1e3 * common.quantile(s, 0.8), tokens_per_s=tokens / p50)
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -313,7 +312,8 @@ def describe(rec: dict) -> str:
     mfu = f"MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else "MFU n/a"
     line = (f"{rec['provider']:<17} loss {rec['loss_step0']:.5f}  {rec['p50_ms']:8.1f} ms  "
             f"{rec['tokens_per_s']:8.0f} tokens/s  {rec['tflops']:6.1f} TFLOP/s  {mfu}  peak "
-            f"{rec['peak_bytes'] / 2**30:.1f} GiB  (load {rec['load_s']:.0f} s, first step {rec['first_step_s']:.1f} s)")
+            f"{rec['peak_bytes'] / 2**30:.1f} GiB  (load {rec['load_s']:.0f} s, "
+            f"first step {rec['first_step_s']:.1f} s)")
     return line + (f"  liger: {rec['liger_patched']}" if "liger_patched" in rec else "")
 
 
