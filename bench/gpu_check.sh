@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch, triton and the build tools preinstalled and no network:
 # build and install mmfuse, run the op tests on CUDA tensors (the Triton backend), then measure the
-# Triton ops' bandwidth against copy, F.rms_norm, eager and torch.compile, the Triton attention's
+# Triton ops' bandwidth against copy, F.rms_norm, eager, torch.compile and Liger-Kernel, the Triton attention's
 # TFLOP/s against PyTorch SDPA (default, flash and cuDNN backends), and linear_cross_entropy's time
 # and peak memory against F.linear + F.cross_entropy.
 #
@@ -9,7 +9,9 @@
 #
 # Each step runs under its own time limit (90 + 140 + 45 + 45 + 35 s = 355 s: the whole check stays
 # under 6 minutes); a failed or timed-out step is reported and the next still runs. Exit status: that of
-# the first failed step. PYTHON picks the interpreter (default: python).
+# the first failed step. PYTHON picks the interpreter (default: python). Liger-Kernel comes from the
+# wheel carried in bench/wheels/ (pure Python), installed offline into a temporary directory that only
+# the benchmarks see on PYTHONPATH. bench/gpu_model_check.sh runs the model-step benchmark (~4 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +67,14 @@ pytest_groups() {
   if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
 }
 
+# Liger-Kernel baseline: no network here, so from the carried wheel, without dependencies (torch and
+# triton are the machine's). A failed install leaves the benchmarks recording Liger as skipped.
+LIGER_DIR=$(mktemp -d)
+trap 'rm -rf "$LIGER_DIR"' EXIT
+"$PY" -m pip install --no-index --no-deps --disable-pip-version-check -q --target "$LIGER_DIR" \
+  bench/wheels/liger_kernel-*-py3-none-any.whl || echo "!! liger-kernel wheel did not install: Liger skipped"
+BENCH_PYTHONPATH="$LIGER_DIR${PYTHONPATH:+:$PYTHONPATH}"
+
 printf '== versions (commit %s)\n' "$MMFUSE_COMMIT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi unavailable"
 "$PY" - <<'EOF'
@@ -79,6 +89,9 @@ except ImportError:
     print("triton NOT installed: CUDA tensors would run the reference")
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
 EOF
+PYTHONPATH="$BENCH_PYTHONPATH" "$PY" -c \
+  "from importlib.metadata import version; print('liger_kernel', version('liger_kernel'))" 2>/dev/null \
+  || echo "liger_kernel NOT importable"
 
 step "build (pip install --no-build-isolation --no-deps .)" 90 \
   "$PY" -m pip install --no-build-isolation --no-deps --disable-pip-version-check -q .
@@ -99,8 +112,11 @@ pytest_groups "op tests on cuda (Triton backend)" 140 \
   "triton and (window or gqa or unequal)" "$attn" \
   "triton and not ($parts)" "$attn"
 
-step "bandwidth benchmark" 45 \
-  "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 30
+# Liger adds a provider to five of the seven cases: ~2 s to import it and ~10 kernels to compile
+# (~15 s in all). The ops of its targets run first; cases past the budget are recorded as skipped
+# (rerun just those: see the usage lines of bench/gpu_bandwidth.py, --providers liger --tag liger).
+step "bandwidth benchmark (vs F.rms_norm, eager, torch.compile, Liger-Kernel)" 45 \
+  env PYTHONPATH="$BENCH_PYTHONPATH" "$PY" bench/gpu_bandwidth.py --out-dir "$RESULTS" --budget-s 30
 
 # B=2 x S=8192, H=16, D=128 bf16, causal and not, fwd and fwd+bwd: ~10 s of kernel compilation
 # (8 variants), 16 timings of ~0.3 s; cases past the budget are recorded as skipped.
