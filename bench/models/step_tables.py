@@ -203,7 +203,7 @@ loaded by every provider) and the same samples. transformers runs them one sampl
 with `attention_mask` (`hf_padded`), both with `mm_token_type_ids`; the faster is the baseline. All
 compute the same mean loss (checked to rtol 1e-4). Times: median of round-robin reps after warmup;
 `fwd+bwd` sets gradients to None before each rep (untimed), `fwd+bwd+adamw` adds
-`AdamW(foreach=True).step()` and `zero_grad(set_to_none=True)`. FLOPs:
+`AdamW(fused=True).step()` and `zero_grad(set_to_none=True)`. FLOPs:
 `mmfuse.train.metrics.step_flops` (6·N per token per module plus attention), the same count
 credited to every provider; `% sgemm` against the fp32 GEMM rate (n×n×n, n below) of the same run.
 Memory: each provider in a fresh process; peak RSS growth = VmHWM (reset with

@@ -11,8 +11,9 @@ data-parallel group, after Megatron's distributed optimizer:
 The gradient buckets of a GradReducer(shard=True) are the unit of sharding: rank r owns the
 contiguous slice [r·S, (r+1)·S) of every bucket (S = padded bucket size / world), so the
 reduce-scatter that overlaps backward delivers exactly the gradients this rank updates. A
-parameter may straddle two ranks; each updates its part. The update is torch.optim.AdamW's
-(foreach path) step for step, with each param group's lr and weight_decay, so `set_lr` keeps
+parameter may straddle two ranks; each updates its part. The update is the kernel torch.optim.AdamW
+runs for the same device (fused on CPU/CUDA, foreach elsewhere: train/optim.py), with each param
+group's lr and weight_decay, so `set_lr` keeps
 working through `param_groups`. Memory per rank: state 12 bytes × params / world (vs 12 × params).
 
 state_dict() is the FULL state keyed by parameter name ({"state": {name: {"step", "exp_avg",
@@ -31,6 +32,7 @@ from torch import nn
 
 from mmfuse.parallel.collectives import _all_gather_single
 from mmfuse.parallel.data_parallel import GradReducer, NamedParams
+from mmfuse.train.optim import adamw_kernel
 
 
 @dataclass
@@ -149,7 +151,8 @@ class ZeroAdamW:
         for g, segs in zip(self.param_groups, self.segments):
             if segs:
                 shards = [self.reducer.buckets[s.bucket].shard for s in segs]
-                adamw_foreach([s.of_shard(self.master[s.bucket]) for s in segs],
+                update = adamw_fused if adamw_kernel(self.master[0].device.type) == "fused" else adamw_foreach
+                update([s.of_shard(self.master[s.bucket]) for s in segs],
                               [s.of_shard(sh).float() for s, sh in zip(segs, shards)],
                               [s.of_shard(self.exp_avg[s.bucket]) for s in segs],
                               [s.of_shard(self.exp_avg_sq[s.bucket]) for s in segs],
@@ -247,6 +250,16 @@ def adamw_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
+
+
+def adamw_fused(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], step: int, lr: float, betas: tuple[float, float], eps: float,
+                weight_decay: float) -> None:
+    """One AdamW step in place through the kernel torch.optim.AdamW(fused=True) calls (after it has
+    counted the step)."""
+    steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=betas[0],
+                        beta2=betas[1], weight_decay=weight_decay, eps=eps, maximize=False)
 
 
 def adamw_full_state(named_params: NamedParams, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
