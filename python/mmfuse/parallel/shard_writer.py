@@ -128,7 +128,7 @@ def write_shards(parts: list[nn.Module], optimizer: OptimizerSource | None, stat
                  model_dir: Path, optimizer_dir: Path | None) -> ShardStats:
     """Write this rank's share of the checkpoint (see the module docstring); a collective over every
     rank. Write failures are returned in `errors`, not raised, so that every rank still takes part in
-    every collective and the caller can make all ranks agree before anything is published."""
+    every collective and the caller can `settle` them on all ranks before anything is published."""
     params = {n: t for part in parts for n, t in part.state_dict(keep_vars=True).items()}
     leader = state.tp_rank == 0 and state.cp_rank == 0 and state.dp_rank == 0
     mine = None
@@ -156,16 +156,16 @@ def write_shards(parts: list[nn.Module], optimizer: OptimizerSource | None, stat
         stats.peak_bytes = max(stats.peak_bytes, sum(t.numel() * t.element_size() for t in held.values()))
         stats.tensors += len(held)
         if held:
-            _try(stats, lambda: _write_file(held, out_dir / names[state.rank]))
+            attempt(stats.errors, lambda: _write_file(held, out_dir / names[state.rank]))
             stats.files.append(names[state.rank])
         del held
         if state.rank == 0:
             total = sum(it.nbytes for items in kept for it in items)
             weight_map = {k: names[r] for k, r in owner.items()}
-            _try(stats, lambda: _write_text(out_dir / index_name, index_json(weight_map, total)))
+            attempt(stats.errors, lambda: _write_text(out_dir / index_name, index_json(weight_map, total)))
     if state.rank == 0:
         dtype = next((t.dtype for t in params.values() if t.is_floating_point()), torch.float32)
-        _try(stats, lambda: write_config(cfg, dtype, model_dir))
+        attempt(stats.errors, lambda: write_config(cfg, dtype, model_dir))
     return stats
 
 
@@ -201,11 +201,13 @@ def _full_bytes(shape: torch.Size, dtype: torch.dtype, spec, tp: int) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
-def _try(stats: ShardStats, write) -> None:
+def attempt(errors: list[BaseException], fn) -> None:
+    """Run a write, keeping its error for `settle` instead of raising: the rank must still join the
+    collectives that follow, or its peers would wait for it until the timeout."""
     try:
-        write()
-    except Exception as e:          # reported to every rank by the caller's agreement, then raised
-        stats.errors.append(e)
+        fn()
+    except Exception as e:
+        errors.append(e)
 
 
 def _write_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -218,13 +220,14 @@ def _write_text(path: Path, text: str) -> None:
     fsync_file(path)
 
 
-def agree(ok: bool, what: str, device: torch.device) -> None:
-    """Raise on every rank unless every rank reports ok (a collective): a save is published only when
-    all of its shards are on disk, and a failing rank stops the others instead of leaving them waiting."""
+def settle(errors: list[BaseException], what: str, device: torch.device) -> None:
+    """Raise on every rank unless no rank has errors (a collective: one all-reduce of a flag per
+    rank). A save is published only when every shard is on disk, and a failing rank stops the others
+    at once instead of leaving them waiting; on the failing rank its own error is the cause."""
     flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
-    flags[dist.get_rank()] = 0 if ok else 1
+    flags[dist.get_rank()] = 1 if errors else 0
     dist.all_reduce(flags)
     failed = [r for r, f in enumerate(flags.tolist()) if f]
     if failed:
-        raise RuntimeError(f"{what} failed on rank(s) {failed} (see their errors); nothing was published, "
-                           "the previous checkpoint stays the latest")
+        raise RuntimeError(f"{what} failed on rank(s) {failed} (see their errors)") \
+            from (errors[0] if errors else None)

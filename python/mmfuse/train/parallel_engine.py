@@ -197,30 +197,31 @@ class ParallelEngine:
         """Write checkpoint `step`: every rank its shards (parallel/shard_writer.py), then rank 0
         publishes it (rename, `latest`) once every rank has reported its files written and fsynced.
         Returns the checkpoint's path on rank 0, None elsewhere."""
-        from mmfuse.parallel.shard_writer import write_shards
+        from mmfuse.parallel.shard_writer import attempt, settle, write_shards
 
         s, save_dir = self.state, Path(save_dir)
         data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
         tmp = ckpt.checkpoint_tmp_dir(save_dir, step)
         errors: list[BaseException] = []
         if s.rank == 0:
-            _attempt(errors, lambda: ckpt.begin_checkpoint(save_dir, step))
-        _settle(errors, f"preparing {tmp}", self._device())
+            attempt(errors, lambda: ckpt.begin_checkpoint(save_dir, step))
+        unpublished = "nothing was published; `latest` still names the previous checkpoint"
+        settle(errors, f"preparing {tmp} ({unpublished})", self._device())
         stats = write_shards(self._parts(), self._optimizer_source() if save_optimizer else None, s, tmp / "model",
                              tmp if save_optimizer else None)
         errors += stats.errors
         if s.rank == 0:
-            _attempt(errors, lambda: ckpt.copy_model_assets(assets, tmp / "model"))
-        _settle(errors, f"writing checkpoint {tmp}", self._device())
+            attempt(errors, lambda: ckpt.copy_model_assets(assets, tmp / "model"))
+        settle(errors, f"writing checkpoint {tmp} ({unpublished})", self._device())
         self.last_save = stats
         path = None
         if s.rank == 0:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             full_state = dict(state, data_ranks=data, layout=self.describe())
-            _attempt(errors, lambda: ckpt.finish_checkpoint(save_dir, tmp, step, full_state, groups, save_rng,
+            attempt(errors, lambda: ckpt.finish_checkpoint(save_dir, tmp, step, full_state, groups, save_rng,
                                                             keep_last))
             path = save_dir / ckpt.step_dir_name(step)
-        _settle(errors, f"publishing checkpoint {tmp}", self._device())
+        settle(errors, f"publishing checkpoint {tmp}", self._device())
         return path
 
     def load(self, path: Path, load_optimizer: bool, load_rng: bool) -> ckpt.Restored:
@@ -249,34 +250,17 @@ class ParallelEngine:
 
     def export(self, final: Path, lora: LoRAConfig | None, assets: Path | None = None) -> None:
         """The trained model as a Hugging Face sharded folder, each rank writing its share."""
-        from mmfuse.parallel.shard_writer import write_shards
+        from mmfuse.parallel.shard_writer import attempt, settle, write_shards
 
         final = Path(final)
         errors: list[BaseException] = []
         if self.state.rank == 0:
-            _attempt(errors, lambda: _clear_weights(final))
-        _settle(errors, f"preparing {final}", self._device())
+            attempt(errors, lambda: _clear_weights(final))
+        settle(errors, f"preparing {final}", self._device())
         errors += write_shards(self._parts(), None, self.state, final, None).errors
         if self.state.rank == 0:
-            _attempt(errors, lambda: ckpt.copy_model_assets(assets, final))
-        _settle(errors, f"exporting {final}", self._device())
-
-
-def _attempt(errors: list[BaseException], fn) -> None:
-    try:
-        fn()
-    except Exception as e:          # every rank learns of it through agree() and raises
-        errors.append(e)
-
-
-def _settle(errors: list[BaseException], what: str, device: torch.device) -> None:
-    """Every rank raises unless no rank failed (a collective); a failing rank's error is the cause."""
-    from mmfuse.parallel.shard_writer import agree
-
-    try:
-        agree(not errors, what, device)
-    except RuntimeError as e:
-        raise e from (errors[0] if errors else None)
+            attempt(errors, lambda: ckpt.copy_model_assets(assets, final))
+        settle(errors, f"exporting {final}", self._device())
 
 
 def _clear_weights(d: Path) -> None:
