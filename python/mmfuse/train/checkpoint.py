@@ -116,9 +116,9 @@ def checkpoint_tmp_dir(save_dir: str | os.PathLike, step: int) -> Path:
 
 def finish_checkpoint(save_dir: str | os.PathLike, tmp: Path, step: int, state: dict[str, Any],
                       param_groups: list[dict[str, Any]], save_rng: bool = True, keep_last: int = 0) -> Path:
-    """Add trainer_state.json (and RNG states) to a fully written `tmp`, make it durable, rename it into
-    place and only then point `latest` at it (atomically); prune to keep_last. Every other file in
-    `tmp` must already be written and fsynced (in a multi-rank save: by every rank, before a barrier)."""
+    """Add trainer_state.json (and RNG states) to a fully written `tmp`, fsync everything in it, rename
+    it into place and only then point `latest` at it (atomically); prune to keep_last. In a multi-rank
+    save one rank calls this after every rank has reported its files written (shard_writer.settle)."""
     d = Path(save_dir)
     final = d / step_dir_name(step)
     full_state = dict(state, step=step, param_groups=param_groups)
