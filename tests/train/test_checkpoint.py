@@ -97,3 +97,33 @@ def test_optimizer_state_for_untrained_parameters_is_a_clear_error(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="does not train"):
         ckpt.load_checkpoint(tmp_path / "step-00000001", fresh, build_optimizer(fresh, OptimizerConfig()))
+
+
+def test_optimizer_state_reads_the_same_from_one_file_and_from_indexed_shards(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model, opt, _ = _trained(steps=1)
+    tensors = ckpt.optimizer_tensors(model, opt)
+    save_file(tensors, str(tmp_path / ckpt.OPTIMIZER_FILE))
+    keys = sorted(tensors)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"optimizer-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(sharded / name))
+        weight_map.update({k: name for k in part})
+    (sharded / ckpt.OPTIMIZER_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    one, two = ckpt.read_optimizer_state(tmp_path), ckpt.read_optimizer_state(sharded)
+    assert one.keys() == two.keys() == {k.rpartition("::")[0] for k in keys}
+    assert all(torch.equal(one[n][k], two[n][k]) for n in one for k in one[n])
+    wanted = {"model.norm.weight"}
+    assert set(ckpt.read_optimizer_state(sharded, wanted)) == wanted
+    (sharded / "optimizer-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="optimizer-00002-of-00002"):
+        ckpt.read_optimizer_state(sharded)
+    with pytest.raises(FileNotFoundError, match="--no-load-optimizer"):
+        ckpt.read_optimizer_state(tmp_path / "nowhere")

@@ -1,13 +1,15 @@
-"""Checkpoints of a multi-rank run in the one layout every run reads and writes: the whole model as a
+"""Checkpoints of a multi-rank run in the one layout every run reads and writes: the model as a
 Hugging Face directory and AdamW state by parameter name (train/checkpoint.py). A run saved under
 tp2·pp2 therefore resumes under any other layout, in one process too, and a one-process checkpoint
 starts a parallel run: loading is "read the full tensors this rank holds, keep its slice".
 
-Saving gathers to global rank 0: tensor-parallel shards are all-gathered within each TP group, then
-each pipeline stage's (tp, cp, dp) = 0 rank sends its tensors to rank 0 over the pipeline group.
-Rank 0 holds the whole model and optimizer state for the write (fine up to tens of GB of host
-memory; sharded writes are the next step for 72B). The save dir must be on a filesystem every rank
-reads (on resume each rank reads the tensors it holds).
+Saving is sharded (parallel/shard_writer.py): each pipeline stage's tensors are dealt to the stage's
+ranks, each writes its own model-0000i-of-0000N.safetensors and optimizer-0000i-of-0000M.safetensors,
+and rank 0 writes the indexes; no rank holds more than its share of full tensors plus one. The save
+dir must be on a filesystem every rank reads and writes (on resume each rank reads what it holds).
+
+This file holds the loading side, plus `full_tensors`/`gather_to_rank0`, which gather a whole model
+on one rank: for comparing small models in tests, not for checkpoints.
 """
 
 from __future__ import annotations

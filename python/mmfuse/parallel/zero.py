@@ -86,6 +86,8 @@ class ZeroAdamW:
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
         self.steps = 0
+        self._where = {name: (b, off, p) for b in self.reducer.buckets
+                       for name, p, off in zip(b.names, b.params, b.offsets)}
         self.reload_master()
 
     @classmethod
@@ -204,6 +206,50 @@ class ZeroAdamW:
         names = dict((id(p), n) for n, p in self.reducer.named)
         groups = [dict(g, params=[names[id(p)] for p in g["params"]]) for g in self.param_groups]
         return {"state": state, "param_groups": groups}
+
+    def state_items(self) -> list[tuple[str, str, torch.Size, torch.dtype]]:
+        """(parameter name, state key, shape, dtype) of every tensor state_dict() would hold, without
+        gathering anything: what a sharded checkpoint writer plans with."""
+        if not self.steps:
+            return []
+        out = []
+        for b in self.reducer.buckets:
+            for name, p in zip(b.names, b.params):
+                keys = ["step", "exp_avg", "exp_avg_sq"] + (["master"] if b.param_dtype != torch.float32 else [])
+                out += [(name, k, torch.Size() if k == "step" else p.shape, torch.float32) for k in keys]
+        return out
+
+    @torch.no_grad()
+    def gather_state(self, name: str, key: str, dst: int) -> torch.Tensor | None:
+        """One parameter's state tensor (as state_dict() has it) on group rank `dst`, None elsewhere.
+        Only the ranks whose shards hold part of the parameter send their part to dst (point to point),
+        so a checkpoint writer holds one parameter's state at a time instead of the whole gathered
+        state. Every rank of the group calls it with the same arguments, in the same order."""
+        if key == "step":
+            return torch.tensor(float(self.steps)) if self.rank == dst else None
+        where = self._where.get(name)
+        if where is None:
+            raise KeyError(f"ZeroAdamW: no parameter named {name!r} in this rank's buckets")
+        b, off, p = where
+        flats = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "master": self.master}[key][b.index]
+        size = b.shard.numel()
+        out = torch.empty(p.numel(), dtype=flats.dtype, device=flats.device) if self.rank == dst else None
+        for r in range(self.world):
+            lo, hi = max(r * size, off), min((r + 1) * size, off + p.numel())
+            if lo >= hi:
+                continue
+            if r == self.rank == dst:
+                out[lo - off:hi - off].copy_(flats[lo - r * size:hi - r * size])
+            elif r == self.rank:
+                dist.send(flats[lo - r * size:hi - r * size].contiguous(), self._global(dst))
+            elif self.rank == dst:
+                piece = torch.empty(hi - lo, dtype=flats.dtype, device=flats.device)
+                dist.recv(piece, self._global(r))
+                out[lo - off:hi - off].copy_(piece)
+        return out.view(p.shape) if out is not None else None
+
+    def _global(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def load_state_dict(self, full: dict[str, Any]) -> None:
         """Take this rank's slice of a full state (from any layout). Load the model's weights first: the

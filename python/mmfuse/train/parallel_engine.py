@@ -1,7 +1,8 @@
 """One optimizer step across ranks: this rank's share of the model (pipeline stages, tensor-parallel
 slices, context-parallel attention), the pipeline schedule over the step's micro-batches, gradient
 reduction over data (and context) parallel ranks overlapped with backward, and the optimizer
-(ZeRO-1 when asked). Checkpoints use the one full layout (parallel/checkpoint.py).
+(ZeRO-1 when asked). Checkpoints: every rank writes its share of one layout-free format
+(parallel/shard_writer.py) and reads the tensors it holds back from any layout (parallel/checkpoint.py).
 
 Building: the model is created on the meta device, cut to this rank's stages and tensor-parallel
 slices, then materialised and filled with the tensors this rank holds, so no rank ever allocates
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from mmfuse.models.common.lora import LoRAConfig
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
@@ -80,6 +80,7 @@ class ParallelEngine:
             deferred.add("model.embed_tokens.weight")
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.zero = None
+        self.last_save = None            # ShardStats of this rank's part of the latest save
         if layout.zero1:
             from mmfuse.parallel.zero import ZeroAdamW
             self.zero = ZeroAdamW(named, self.optimizer.param_groups, state.dp_cp_group, layout.bucket_mb,
@@ -178,46 +179,61 @@ class ParallelEngine:
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
-    def _optimizer_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
+    def _optimizer_source(self):
+        """This rank's optimizer state as the shard writer reads it (ZeRO-1: the shards it holds)."""
+        from mmfuse.parallel.shard_writer import ReplicatedOptimizerState, replica_of
+
         if self.zero is not None:
-            return self.zero.state_dict()["state"]
+            return self.zero
         names = {id(p): n for part in self._parts() for n, p in part.named_parameters()}
-        return {names[id(p)]: dict(st) for p, st in self.optimizer.state.items()}
+        by_name = {names[id(p)]: dict(st) for p, st in self.optimizer.state.items()}
+        return ReplicatedOptimizerState(by_name, replica_of(self.state.rank, self.state))
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def save(self, save_dir: Path, step: int, state: dict[str, Any], lora: LoRAConfig | None,
              save_optimizer: bool, save_rng: bool, keep_last: int, assets: Path | None = None) -> Path | None:
-        s = self.state
-        weights, optim = {}, {}
-        for part in self._parts():
-            w, o = pckpt.full_tensors(part, self._optimizer_by_name() if save_optimizer else None, s)
-            weights.update(w)
-            optim.update(o)
+        """Write checkpoint `step`: every rank its shards (parallel/shard_writer.py), then rank 0
+        publishes it (rename, `latest`) once every rank has reported its files written and fsynced.
+        Returns the checkpoint's path on rank 0, None elsewhere."""
+        from mmfuse.parallel.shard_writer import attempt, settle, write_shards
+
+        s, save_dir = self.state, Path(save_dir)
         data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
-        gathered = pckpt.gather_to_rank0(weights, optim, s)
+        tmp = ckpt.checkpoint_tmp_dir(save_dir, step)
+        errors: list[BaseException] = []
+        if s.rank == 0:
+            attempt(errors, lambda: ckpt.begin_checkpoint(save_dir, step))
+        unpublished = "nothing was published; `latest` still names the previous checkpoint"
+        settle(errors, f"preparing {tmp} ({unpublished})", self._device())
+        stats = write_shards(self._parts(), self._optimizer_source() if save_optimizer else None, s, tmp / "model",
+                             tmp if save_optimizer else None)
+        errors += stats.errors
+        if s.rank == 0:
+            attempt(errors, lambda: ckpt.copy_model_assets(assets, tmp / "model"))
+        settle(errors, f"writing checkpoint {tmp} ({unpublished})", self._device())
+        self.last_save = stats
         path = None
         if s.rank == 0:
-            full_w, full_o = gathered
-            with torch.device("meta"):
-                whole = Qwen2_5_VL(self.model.cfg)
-            whole.load_state_dict(full_w, strict=True, assign=True)
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            path = ckpt.write_checkpoint(save_dir, step, whole, full_o if save_optimizer else None, groups,
-                                         dict(state, data_ranks=data, layout=self.describe()), None, save_rng,
-                                         keep_last, assets)
-        dist.barrier()
+            full_state = dict(state, data_ranks=data, layout=self.describe())
+            attempt(errors, lambda: ckpt.finish_checkpoint(save_dir, tmp, step, full_state, groups, save_rng,
+                                                            keep_last))
+            path = save_dir / ckpt.step_dir_name(step)
+        settle(errors, f"publishing checkpoint {tmp}", self._device())
         return path
 
     def load(self, path: Path, load_optimizer: bool, load_rng: bool) -> ckpt.Restored:
+        """Read the tensors this rank holds from a checkpoint of any layout (one file or shards)."""
         import json
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         for part in self._parts():
             pckpt.load_weights(part, path / "model", self.state)
         if load_optimizer:
-            opt_path = path / "optimizer.safetensors"
-            if not opt_path.is_file():
-                raise FileNotFoundError(f"{opt_path}: missing; resume with --no-load-optimizer")
-            per_param = ckpt.per_param_state(load_file(str(opt_path)))
+            names = {n for part in self._parts() for n, _ in part.named_parameters()}
+            per_param = ckpt.read_optimizer_state(path, names)
             mine = {}
             for part in self._parts():
                 mine.update(pckpt.slice_optimizer_state(part, per_param, self.state))
@@ -233,17 +249,25 @@ class ParallelEngine:
         return ckpt.Restored(step=int(state["step"]), state=state)
 
     def export(self, final: Path, lora: LoRAConfig | None, assets: Path | None = None) -> None:
-        weights = {}
-        for part in self._parts():
-            weights.update(pckpt.full_tensors(part, None, self.state)[0])
-        gathered = pckpt.gather_to_rank0(weights, {}, self.state)
+        """The trained model as a Hugging Face sharded folder, each rank writing its share."""
+        from mmfuse.parallel.shard_writer import attempt, settle, write_shards
+
+        final = Path(final)
+        errors: list[BaseException] = []
         if self.state.rank == 0:
-            with torch.device("meta"):
-                whole = Qwen2_5_VL(self.model.cfg)
-            whole.load_state_dict(gathered[0], strict=True, assign=True)
-            whole.save_pretrained(final)
-            ckpt.copy_model_assets(assets, final)
-        dist.barrier()
+            attempt(errors, lambda: _clear_weights(final))
+        settle(errors, f"preparing {final}", self._device())
+        errors += write_shards(self._parts(), None, self.state, final, None).errors
+        if self.state.rank == 0:
+            attempt(errors, lambda: ckpt.copy_model_assets(assets, final))
+        settle(errors, f"exporting {final}", self._device())
+
+
+def _clear_weights(d: Path) -> None:
+    """Remove the weights of an earlier export from d (a new one may have fewer shards)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for f in [*d.glob("*.safetensors"), d / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
 
 
 def _all_reduce(t: torch.Tensor, group) -> None:

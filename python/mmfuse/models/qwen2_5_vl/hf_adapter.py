@@ -116,16 +116,35 @@ def read_weights(hf_dir: str | os.PathLike, names: set[str], dtype: torch.dtype 
     return out
 
 
+def hf_tensor(cfg: Qwen2_5_VLConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """One tensor under its released HF shape (the patch embed back to Conv3d; others unchanged)."""
+    if name == PATCH_EMBED:
+        v = cfg.vision
+        t = t.reshape(t.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return t.detach().contiguous()
+
+
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under released HF names and shapes (patch embed back to Conv3d)."""
-    cfg: Qwen2_5_VLConfig = model.cfg
-    v = cfg.vision
-    out = {}
-    for name, t in model.state_dict().items():
-        if name == PATCH_EMBED:
-            t = t.reshape(t.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-        out[name] = t.detach().contiguous()
-    return out
+    return {name: hf_tensor(model.cfg, name, t) for name, t in model.state_dict().items()}
+
+
+def shard_file_name(i: int, n: int, stem: str = "model") -> str:
+    """Hugging Face's name for shard i (0-based) of n: model-00001-of-00004.safetensors."""
+    return f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def index_json(weight_map: dict[str, str], total_size: int) -> str:
+    """The text of a `<stem>.safetensors.index.json` (tensor name → shard file)."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                      indent=2)
+
+
+def write_config(cfg: Qwen2_5_VLConfig, dtype: torch.dtype, out_dir: str | os.PathLike) -> None:
+    """config.json (released layout) for weights stored in `dtype`."""
+    config = cfg.to_hf_dict()
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    _atomic(Path(out_dir) / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, max_shard_bytes: int = 4 << 30) -> None:
@@ -151,17 +170,14 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, max_shar
         if stale.exists():
             stale.unlink()
     else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [shard_file_name(i, len(shards)) for i in range(len(shards))]
         weight_map = {}
         for name, shard in zip(names, shards):
             _atomic(d / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in sd.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(d / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
-    config = model.cfg.to_hf_dict()
-    config["torch_dtype"] = config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    _atomic(d / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+        _atomic(d / "model.safetensors.index.json", lambda p: p.write_text(index_json(weight_map, total)))
+    write_config(model.cfg, next(iter(sd.values())).dtype, d)
 
 
 def _atomic(path: Path, write) -> None:
