@@ -122,7 +122,7 @@ class ParallelEngine:
 
         with self.autocast():
             loss_sum, _ = forward_backward(self.chunks, micro, s, 1.0 / max(label_tokens, 1), self.transforms,
-                                           grad_sync)
+                                           grad_sync, overlap_p2p=s.layout.overlap_p2p_comm)
 
         def other_sums():
             for part in self._parts():
