@@ -5,7 +5,9 @@ reduction over data (and context) parallel ranks overlapped with backward, and t
 
 Building: the model is created on the meta device, cut to this rank's stages and tensor-parallel
 slices, then materialised and filled with the tensors this rank holds, so no rank ever allocates
-the whole model.
+the whole model. LoRA adapters are wrapped in on the meta device too; their initial values are drawn
+whole on every rank, as one process draws them (small: rank × width per module), and sliced like the
+rest. A LoRA run saves and exports the adapters alone, in the files one process writes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from mmfuse.models.common.lora import LoRAConfig
+from mmfuse.models.common.lora import LoRAConfig, apply_lora, initial_adapters, is_adapter_param, read_adapters
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.models.qwen2_5_vl.freeze import freeze
 from mmfuse.models.qwen2_5_vl.hf_adapter import read_config
@@ -41,8 +43,10 @@ class ParallelEngine:
         from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms
 
         layout, m = cfg.parallel, cfg.model
-        if m.lora is not None:
-            raise ValueError("model.lora: LoRA runs in one process for now (parallel layouts train full weights)")
+        if m.lora is not None and m.lora.dropout > 0 and layout.tp > 1:
+            raise ValueError(f"model.lora.dropout = {m.lora.dropout} with parallel.tp = {layout.tp}: the "
+                             "tensor-parallel ranks would drop different inputs of the same tokens; set "
+                             "model.lora.dropout to 0 or train with tp = 1")
         self.cfg, self.state, self.world_size = cfg, state, state.world_size
         self.is_logging_rank = state.rank == 0
         hf_dir = weights_dir(m.pretrained)
@@ -53,17 +57,21 @@ class ParallelEngine:
         self._flop_params = flop_params(model)
         if m.freeze:
             freeze(model, m.freeze)
+        device = torch.device(cfg.training.device)
+        dtype = getattr(torch, m.dtype)
+        self.lora, adapters = m.lora, None
+        if m.lora is not None:
+            apply_lora(model, m.lora)
+            adapters = initial_adapters(model, device, dtype)
         self.chunks = build_pipeline_chunks(model, layout, state)
         self.model = self.chunks[0][0]
         sp = layout.sequence_parallel and state.tp > 1
         for part in self._parts():
             if state.tp > 1:
                 apply_tensor_parallel(part, state.tp_group, sp, overlap_chunks=layout.tp_overlap_chunks)
-        device = torch.device(cfg.training.device)
-        dtype = getattr(torch, m.dtype)
         for part in self._parts():
             pckpt.materialize(part, device, dtype)
-            pckpt.load_weights(part, hf_dir, state)
+            pckpt.load_weights(part, hf_dir, state, extra=adapters)
             if state.cp > 1:
                 apply_context_parallel(part, state.cp_group, layout.cp_kind)
             part.set_recompute(vision=m.recompute_vision, text=m.recompute_text)
@@ -189,7 +197,8 @@ class ParallelEngine:
         s = self.state
         weights, optim = {}, {}
         for part in self._parts():
-            w, o = pckpt.full_tensors(part, self._optimizer_by_name() if save_optimizer else None, s)
+            w, o = pckpt.full_tensors(part, self._optimizer_by_name() if save_optimizer else None, s,
+                                      only=self._saved_names(lora))
             weights.update(w)
             optim.update(o)
         data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
@@ -197,12 +206,10 @@ class ParallelEngine:
         path = None
         if s.rank == 0:
             full_w, full_o = gathered
-            with torch.device("meta"):
-                whole = Qwen2_5_VL(self.model.cfg)
-            whole.load_state_dict(full_w, strict=True, assign=True)
+            whole = self._whole(full_w, lora)
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             path = ckpt.write_checkpoint(save_dir, step, whole, full_o if save_optimizer else None, groups,
-                                         dict(state, data_ranks=data, layout=self.describe()), None, save_rng,
+                                         dict(state, data_ranks=data, layout=self.describe()), lora, save_rng,
                                          keep_last, assets)
         dist.barrier()
         return path
@@ -211,8 +218,14 @@ class ParallelEngine:
         import json
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        for part in self._parts():
-            pckpt.load_weights(part, path / "model", self.state)
+        if (path / "adapters").is_dir():
+            # a LoRA checkpoint holds the adapters; the base weights are the pretrained ones
+            _, adapters = read_adapters(path / "adapters")
+            for part in self._parts():
+                pckpt.load_weights(part, weights_dir(self.cfg.model.pretrained), self.state, extra=adapters)
+        else:
+            for part in self._parts():
+                pckpt.load_weights(part, path / "model", self.state)
         if load_optimizer:
             opt_path = path / "optimizer.safetensors"
             if not opt_path.is_file():
@@ -235,15 +248,35 @@ class ParallelEngine:
     def export(self, final: Path, lora: LoRAConfig | None, assets: Path | None = None) -> None:
         weights = {}
         for part in self._parts():
-            weights.update(pckpt.full_tensors(part, None, self.state)[0])
+            weights.update(pckpt.full_tensors(part, None, self.state, only=self._saved_names(lora))[0])
         gathered = pckpt.gather_to_rank0(weights, {}, self.state)
         if self.state.rank == 0:
-            with torch.device("meta"):
-                whole = Qwen2_5_VL(self.model.cfg)
-            whole.load_state_dict(gathered[0], strict=True, assign=True)
-            whole.save_pretrained(final)
-            ckpt.copy_model_assets(assets, final)
+            whole = self._whole(gathered[0], lora)
+            if lora is not None:
+                ckpt.save_adapters(whole, final / "adapters", lora)
+            else:
+                whole.save_pretrained(final)
+                ckpt.copy_model_assets(assets, final)
         dist.barrier()
+
+    def _saved_names(self, lora: LoRAConfig | None):
+        """Which state-dict entries a save gathers: the adapters alone in a LoRA run, else all."""
+        return is_adapter_param if lora is not None and self.lora is not None else None
+
+    def _whole(self, tensors: dict[str, torch.Tensor], lora: LoRAConfig | None) -> Qwen2_5_VL:
+        """The whole model on the meta device holding the gathered tensors: every one of them, or, in a
+        LoRA run, the adapters only (the base weights stay meta; saving writes adapter files)."""
+        with torch.device("meta"):
+            whole = Qwen2_5_VL(self.model.cfg)
+        if self._saved_names(lora) is None:
+            whole.load_state_dict(tensors, strict=True, assign=True)
+            return whole
+        apply_lora(whole, self.lora)      # on the meta device: draws no random numbers
+        missing = sorted({n for n in whole.state_dict() if is_adapter_param(n)} - set(tensors))
+        if missing:
+            raise RuntimeError(f"gathered adapters lack {len(missing)} tensors, e.g. {missing[:3]}")
+        whole.load_state_dict(tensors, strict=False, assign=True)
+        return whole
 
 
 def _all_reduce(t: torch.Tensor, group) -> None:
