@@ -161,3 +161,14 @@ def test_ctrl_c_exits_130_and_leaves_a_loadable_latest_checkpoint(demo, tmp_path
     assert main(["train", *args, "--max-steps", str(step + 1), "--resume"]) == 0
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == step + 1
+
+
+def test_layout_switches_set_their_run_config_fields():
+    from mmfuse.cli.main import build_parser
+    from mmfuse.cli.train import overrides_from
+
+    args = build_parser().parse_args(["train", "run.yaml", "--pp", "2", "--no-overlap-p2p", "--no-sequence-parallel"])
+    out = overrides_from(args)
+    assert out["parallel.pp"] == 2
+    assert out["parallel.overlap_p2p_comm"] is False and out["parallel.sequence_parallel"] is False
+    assert "parallel.overlap_p2p_comm" not in overrides_from(build_parser().parse_args(["train", "run.yaml"]))

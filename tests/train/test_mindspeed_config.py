@@ -109,7 +109,8 @@ def test_megatron_defaults_apply_when_flags_are_absent(pair, tmp_path):
     assert (cfg.training.grad_accum, cfg.training.seed, cfg.training.bf16) == (1, 1234, False)
     par = cfg.parallel           # Megatron's switches are off without their flags; timeout 10 minutes
     assert (par.tp, par.pp, par.vpp, par.cp, par.cp_kind) == (1, 1, 1, 1, "ring")
-    assert not (par.sequence_parallel or par.zero1 or par.overlap_grad_reduce) and par.timeout_s == 600
+    assert not (par.sequence_parallel or par.zero1 or par.overlap_grad_reduce or par.overlap_p2p_comm)
+    assert par.timeout_s == 600
 
 
 def test_load_takes_a_hf_directory_and_explains_mm_checkpoints(pair, tmp_path):
@@ -168,7 +169,7 @@ def test_the_7b_parallel_flags_and_nested_pipeline_num_layers_map_to_the_layout(
     model = write_model_json(tmp_path / "model.json", [[2, 0]], [[1, 1]])
     flags = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
              "--context-parallel-size", "1", "--context-parallel-algo", "ulysses_cp_algo",
-             "--use-distributed-optimizer", "--sequence-parallel", "--overlap-grad-reduce",
+             "--use-distributed-optimizer", "--sequence-parallel", "--overlap-grad-reduce", "--overlap-p2p-communication",
              "--distributed-timeout-minutes", "20", "--global-batch-size", "48"]
     lines = []
     cfg = run_config_from_mindspeed(model, pair["data"], [*FLAGS, *flags, "--save", str(tmp_path / "run")],
@@ -176,7 +177,8 @@ def test_the_7b_parallel_flags_and_nested_pipeline_num_layers_map_to_the_layout(
     par = cfg.parallel
     assert (par.tp, par.pp, par.vpp, par.cp, par.cp_kind) == (2, 2, 1, 1, "ulysses")
     assert (par.vit_pp_layers, par.llm_pp_layers) == ([2, 0], [1, 1])
-    assert par.sequence_parallel and par.zero1 and par.overlap_grad_reduce and par.timeout_s == 1200
+    assert par.sequence_parallel and par.zero1 and par.overlap_grad_reduce and par.overlap_p2p_comm
+    assert par.timeout_s == 1200
     assert cfg.training.grad_accum == 24                      # GBS 48 / (MBS 1 x dp 2)
     assert not any("pipeline_num_layers" in line for line in lines)
     assert apply_overrides(cfg, {}).parallel == par           # the written run_config.yaml loads as it is

@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     par.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
     par.add_argument("--no-sequence-parallel", action="store_true",
                      help="with tp > 1, keep whole sequences on every rank (parallel.sequence_parallel: false)")
+    par.add_argument("--no-overlap-p2p", action="store_true",
+                     help="with pp > 1, wait for each pipeline receive where it is posted "
+                          "(parallel.overlap_p2p_comm: false; same results)")
     add_megatron_arguments(p, skip=SHARED_WITH_YAML_MODE)
     # unknown flags reach run() (see mmfuse.cli.main), which names them
     p.set_defaults(run=run, accepts_unknown=True)
@@ -79,6 +82,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
         out["parallel.zero1"] = True
     if args.no_sequence_parallel:
         out["parallel.sequence_parallel"] = False
+    if args.no_overlap_p2p:
+        out["parallel.overlap_p2p_comm"] = False
     if args.resume:
         out["checkpoint.resume"] = True
     if args.no_load_optimizer:

@@ -15,7 +15,7 @@ on one rank: for comparing small models in tests, not for checkpoints.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -43,11 +43,14 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
             module._parameters[name] = made[id(p)]
 
 
-def load_weights(model: nn.Module, hf_dir: str | Path, state: ParallelState) -> None:
-    """Fill this rank's (materialised) parameters from a full Hugging Face directory."""
-    names = set(model.state_dict().keys())
+def load_weights(model: nn.Module, hf_dir: str | Path, state: ParallelState,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Fill this rank's (materialised) parameters from a full Hugging Face directory; `extra`: full
+    tensors by name that the directory does not hold (LoRA adapters), taken instead of it."""
+    extra = extra or {}
+    names = set(model.state_dict().keys()) - set(extra)
     dtype = next(model.parameters()).dtype
-    load_full_state_dict(model, read_weights(hf_dir, names, dtype), state.tp_group)
+    load_full_state_dict(model, {**read_weights(hf_dir, names, dtype), **extra}, state.tp_group)
 
 
 def _spec(param: torch.Tensor):
@@ -55,10 +58,12 @@ def _spec(param: torch.Tensor):
 
 
 def full_tensors(model: nn.Module, optimizer_state: dict[str, dict[str, torch.Tensor]] | None,
-                 state: ParallelState) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 state: ParallelState, only: Callable[[str], bool] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(model state dict, optimizer `name::key` tensors) of this stage with tensor-parallel shards
-    gathered. A collective over the TP group (every TP rank calls it with the same names)."""
-    params = model.state_dict(keep_vars=True)
+    gathered; `only`: the state-dict names to take (all by default). A collective over the TP group
+    (every TP rank calls it with the same names)."""
+    params = {n: t for n, t in model.state_dict(keep_vars=True).items() if only is None or only(n)}
     weights = {n: (gather_shards(t, _spec(t), state.tp_group) if _spec(t) else t.detach().clone()).cpu()
                for n, t in params.items()}
     optim: dict[str, torch.Tensor] = {}

@@ -14,6 +14,19 @@ sequences, in which every call on a rank is matched by complementary calls of it
 sends and receives between any pair of ranks come in the same order on both sides; NCCL ignores tags
 and needs exactly that. Receives are waited for at once; send handles (and the tensors they read) are
 kept until `wait_sends`, so a send never stalls the sender's compute.
+
+Overlapped mode (`send` / `post_recv`, Megatron's overlap_p2p_comm): a schedule posts a receive before
+the compute that precedes its use and waits for it only when the tensor is needed, so a rank no longer
+stops between compute steps to meet its neighbour. Each message is the same header + data pair, but
+the two directions travel on their own tags (activations to the next stage: header 1, data 2;
+gradients to the previous stage: header 3, data 4), so the receives of one direction can be posted
+in any position relative to those of the other: gloo matches a receive to the oldest send of the
+same source and tag. Within one direction, receives resolve strictly in posting order (a `Recv`
+first resolves the older ones of its channel), which is the order the neighbour sends in. The data
+receive is posted once the header is in: gloo's works do not report completion before `wait()`,
+so that happens when the tensor is asked for (the sender's data is already on its way; gloo writes
+at `isend`). NCCL ignores tags and would pair a header receive with a data send, so this mode is
+for gloo only (`overlap_supported`); the schedules fall back to `exchange` on other backends.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ from mmfuse.parallel.state import ParallelState
 MAX_NDIM = 6
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool)
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
+# Header tag of each direction in overlapped mode; the data follows on tag + 1. `exchange` uses tag 0.
+_TAG = {"next": 1, "prev": 3}
 
 
 def encode_header(t: torch.Tensor) -> torch.Tensor:
@@ -55,6 +70,7 @@ class PipelineP2P:
         self.even = r % 2 == 0
         self.device = torch.device(device)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._channels: dict[str, list[Recv]] = {"next": [], "prev": []}   # unresolved receives, oldest first
 
     def exchange(self, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
                  recv_prev: bool = False, recv_next: bool = False
@@ -99,12 +115,72 @@ class PipelineP2P:
             else:
                 self._pending.append((work, op.tensor))
 
+    # ---- overlapped mode -----------------------------------------------------------------------------
+
+    def overlap_supported(self) -> bool:
+        """Whether `send` / `post_recv` can be used: the backend must match receives by tag (gloo)."""
+        return dist.get_backend(self.group) == dist.Backend.GLOO
+
+    def send(self, to: str, t: torch.Tensor) -> None:
+        """Posts header and data of t to the 'next' or 'prev' stage and returns at once; the handles
+        are kept until `wait_sends`."""
+        t = _detached(t)
+        peer, tag = self._peer(to), _TAG[to]
+        header = encode_header(t).to(self.device)
+        self._pending.append((dist.isend(header, peer, self.group, tag), header))
+        if t.numel():
+            self._pending.append((dist.isend(t, peer, self.group, tag + 1), t))
+
+    def post_recv(self, frm: str) -> "Recv":
+        """Posts the header receive of the next message from the 'prev' or 'next' stage; `.wait()` on
+        the returned handle gives the tensor."""
+        # A message from the previous stage was sent to its 'next': it travels on that direction's tags.
+        channel = "next" if frm == "prev" else "prev"
+        recv = Recv(self, self._peer(frm), _TAG[channel], self._channels[channel])
+        self._channels[channel].append(recv)
+        return recv
+
+    def _peer(self, side: str) -> int:
+        if side not in ("next", "prev"):
+            raise ValueError(f"pipeline p2p side must be 'next' or 'prev', got {side!r}")
+        return self.next if side == "next" else self.prev
+
     def wait_sends(self) -> None:
         """Block until every send posted so far has completed (end of a step). Not called when a
         schedule fails: a dead peer would never take the message, and the error must surface now."""
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
+
+
+class Recv:
+    """One posted receive of the overlapped mode: the header receive is in flight; `wait()` waits for
+    it, receives the data it announces and returns the tensor (floating tensors require grad, as in
+    `exchange`)."""
+
+    def __init__(self, p2p: PipelineP2P, peer: int, tag: int, channel: list["Recv"]):
+        self._p2p, self._peer, self._tag, self._channel = p2p, peer, tag, channel
+        self._header = torch.empty(2 + MAX_NDIM, dtype=torch.int64, device=p2p.device)
+        self._work = dist.irecv(self._header, peer, p2p.group, tag)
+        self._tensor: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        # Older receives of this channel take their data first: the data messages of one direction
+        # arrive in the order of their headers, and gloo pairs receives with sends oldest first.
+        while self._tensor is None:
+            self._channel[0]._resolve()
+        return self._tensor
+
+    def _resolve(self) -> None:
+        self._work.wait()
+        shape, dtype = decode_header(self._header)
+        t = torch.empty(shape, dtype=dtype, device=self._p2p.device)
+        if t.numel():
+            dist.irecv(t, self._peer, self._p2p.group, self._tag + 1).wait()
+        if t.is_floating_point():
+            t.requires_grad_()
+        self._tensor = t
+        self._channel.pop(0)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -11,6 +11,12 @@ The rank-local compute (which chunk, which micro-batch, when) and the communicat
 Megatron's, call for call: that sequence is what keeps the sends and receives of any two neighbours in
 the same order on both sides (p2p.py). A stage is `stage_forward` of models/qwen2_5_vl/pipeline.py;
 what passes between stages changes shape per micro-batch, so shapes travel with the tensors.
+
+With overlap_p2p (Megatron's overlap_p2p_comm; gloo), the same compute runs in the same order, but
+each result is sent as soon as it exists and each input or output gradient is received on a handle
+posted before the compute ahead of its use, then waited for only when its forward or backward
+starts. The compute and its inputs are the same, so the results are bit-identical to the
+non-overlapped schedule (tests/parallel/test_pipeline_overlap.py).
 """
 
 from __future__ import annotations
@@ -42,12 +48,14 @@ def build_pipeline_chunks(model: torch.nn.Module, layout: ParallelLayout, state:
 
 def forward_backward(chunks: list[Chunk], micro_batches: list[dict[str, Any]], state: ParallelState,
                      loss_scale: float, transforms: Any = None,
-                     grad_sync: Callable[[bool], ContextManager] | None = None) -> tuple[float, int]:
+                     grad_sync: Callable[[bool], ContextManager] | None = None,
+                     overlap_p2p: bool = True) -> tuple[float, int]:
     """Forward and backward of all micro-batches of one step on this rank. The last virtual stage
     backpropagates loss_sum · loss_scale (loss_scale = 1 / label tokens of the whole step, from the
     caller). grad_sync(is_last_backward) gives the context each backward runs in (the data-parallel
     reducer's no_sync for all but the last). Returns (summed loss, label tokens) of the micro-batches
-    whose loss this rank computed: zeros except on the last stage."""
+    whose loss this rank computed: zeros except on the last stage. overlap_p2p: post receives ahead
+    of their use (on gloo; other backends run the non-overlapped exchanges, see p2p.py)."""
     pp, vpp, n = state.pp, len(chunks), len(micro_batches)
     if vpp != state.layout.vpp:
         raise ValueError(f"{vpp} model chunks given, but the layout has vpp = {state.layout.vpp}")
@@ -63,7 +71,11 @@ def forward_backward(chunks: list[Chunk], micro_batches: list[dict[str, Any]], s
     else:
         device = micro_batches[0]["input_ids"].device
         p2p = PipelineP2P(state, device)
-        if vpp == 1:
+        if overlap_p2p and p2p.overlap_supported():
+            order = _one_f_one_b_order(pp, state.pp_rank, n) if vpp == 1 else \
+                _interleaved_order(pp, state.pp_rank, vpp, n)
+            _run_overlapped(stages, p2p, order, state.pp_rank == 0, state.pp_rank == pp - 1)
+        elif vpp == 1:
             _one_f_one_b(stages, p2p, pp, state.pp_rank, n)
         else:
             _interleaved(stages, p2p, pp, state.pp_rank, vpp, n)
@@ -216,6 +228,82 @@ def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n:
         _, g = p2p.exchange(send_prev=g_in, recv_next=recv_next)
         if recv_next:
             grads[next_bc].append(g)
+
+
+# ---- overlapped p2p: the same compute order, receives posted ahead ---------------------------------
+
+Op = tuple[str, int, int]   # ("F", chunk, micro-batch) or ("B", chunk, -1): backwards take their chunk's oldest
+
+
+def _one_f_one_b_order(pp: int, rank: int, n: int) -> list[Op]:
+    """The compute order of `_one_f_one_b`: warm-up forwards, one forward / one backward, cool-down."""
+    warmup = min(pp - rank - 1, n)
+    order: list[Op] = [("F", 0, m) for m in range(warmup)]
+    for i in range(n - warmup):
+        order += [("F", 0, warmup + i), ("B", 0, -1)]
+    return order + [("B", 0, -1)] * warmup
+
+
+def _interleaved_order(pp: int, rank: int, vpp: int, n: int) -> list[Op]:
+    """The compute order of `_interleaved` (Megatron's chunk_id / micro_batch_id of iteration k)."""
+    total, group = n * vpp, pp * vpp
+
+    def fwd(k: int) -> Op:
+        return ("F", (k % group) // pp, (k // group) * pp + k % pp)
+
+    def bwd(k: int) -> Op:
+        return ("B", vpp - 1 - (k % group) // pp, -1)
+
+    warmup = total if n == pp else min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    order = [fwd(k) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [fwd(k + warmup), bwd(k)]
+    return order + [bwd(k) for k in range(total - warmup, total)]
+
+
+def _run_overlapped(st: _Stages, p2p: PipelineP2P, order: list[Op], first: bool, last: bool) -> None:
+    """Runs `order`, sending each result at once and keeping up to two receives of each direction
+    posted ahead of their use. Receives of one direction are consumed in the order the neighbour
+    sends them: every rank runs the same sequence of (chunk, micro-batch) forwards and of chunk
+    backwards, so the previous rank's outputs arrive in the order this rank's forwards take them
+    (for rank 0, the last rank's chunk c feeds chunk c + 1), and likewise for gradients."""
+    vpp = len(st.chunks)
+
+    def takes_input(c: int) -> bool:        # not the first virtual stage
+        return not (first and c == 0)
+
+    def takes_grad(c: int) -> bool:         # not the last virtual stage (it starts from the loss)
+        return not (last and c == vpp - 1)
+
+    want = {"F": sum(op == "F" and takes_input(c) for op, c, _ in order),
+            "B": sum(op == "B" and takes_grad(c) for op, c, _ in order)}
+    side = {"F": "prev", "B": "next"}
+    posted: dict[str, list] = {"F": [], "B": []}
+    taken = {"F": 0, "B": 0}
+
+    def post_ahead() -> None:
+        # The receive for the current op and the next one of each direction are posted before this
+        # op computes: the next micro-batch's input arrives while this one runs.
+        for kind in ("F", "B"):
+            while len(posted[kind]) < min(taken[kind] + 2, want[kind]):
+                posted[kind].append(p2p.post_recv(side[kind]))
+
+    def take(kind: str) -> torch.Tensor:
+        t = posted[kind][taken[kind]].wait()
+        posted[kind][taken[kind]] = None     # the step's inputs are not kept past their use
+        taken[kind] += 1
+        return t
+
+    for op, c, m in order:
+        post_ahead()
+        if op == "F":
+            y = st.forward(c, m, take("F") if takes_input(c) else None)
+            if takes_grad(c):                # its output feeds another stage
+                p2p.send("next", y)
+        else:
+            g_in = st.backward(c, take("B") if takes_grad(c) else None)
+            if takes_input(c):
+                p2p.send("prev", g_in)
 
 
 def sync_tied_embedding_grads(model: torch.nn.Module, state: ParallelState) -> None:

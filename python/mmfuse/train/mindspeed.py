@@ -189,7 +189,8 @@ def _parallel(ns: argparse.Namespace, model: ModelJson, ignored_keys: list[str])
         cp_kind=CP_ALGOS.get(_get(ns, "context_parallel_algo"), "ring"),
         sequence_parallel=bool(_get(ns, "sequence_parallel")),
         vit_pp_layers=_flat(vit), llm_pp_layers=_flat(llm), zero1=bool(_get(ns, "use_distributed_optimizer")),
-        overlap_grad_reduce=bool(_get(ns, "overlap_grad_reduce")), timeout_s=60.0 * minutes)
+        overlap_grad_reduce=bool(_get(ns, "overlap_grad_reduce")),
+        overlap_p2p_comm=bool(_get(ns, "overlap_p2p_communication")), timeout_s=60.0 * minutes)
 
 
 def _vpp(ns: argparse.Namespace, *lists: list | None) -> int:

@@ -50,6 +50,8 @@ SUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("--use-distributed-optimizer", "switch", "shard optimizer state over data-parallel ranks (parallel.zero1)"),
     ("--overlap-grad-reduce", "switch", "reduce gradient buckets during backward (parallel.overlap_grad_reduce; "
                                         "off without the flag, as in Megatron)"),
+    ("--overlap-p2p-communication", "switch", "post pipeline receives ahead of their use (parallel.overlap_p2p_comm; "
+                                              "off without the flag, as in Megatron; results are the same)"),
     ("--distributed-timeout-minutes", int, "collective timeout (parallel.timeout_s = 60 x M; Megatron default 10)"),
 )
 

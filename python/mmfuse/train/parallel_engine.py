@@ -6,7 +6,9 @@ reduction over data (and context) parallel ranks overlapped with backward, and t
 
 Building: the model is created on the meta device, cut to this rank's stages and tensor-parallel
 slices, then materialised and filled with the tensors this rank holds, so no rank ever allocates
-the whole model.
+the whole model. LoRA adapters are wrapped in on the meta device too; their initial values are drawn
+whole on every rank, as one process draws them (small: rank × width per module), and sliced like the
+rest. A LoRA run saves and exports the adapters alone, in the files one process writes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmfuse.models.common.lora import LoRAConfig
+from mmfuse.models.common.lora import LoRAConfig, apply_lora, initial_adapters, is_adapter_param, read_adapters
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.models.qwen2_5_vl.freeze import freeze
 from mmfuse.models.qwen2_5_vl.hf_adapter import read_config
@@ -41,8 +43,10 @@ class ParallelEngine:
         from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms
 
         layout, m = cfg.parallel, cfg.model
-        if m.lora is not None:
-            raise ValueError("model.lora: LoRA runs in one process for now (parallel layouts train full weights)")
+        if m.lora is not None and m.lora.dropout > 0 and layout.tp > 1:
+            raise ValueError(f"model.lora.dropout = {m.lora.dropout} with parallel.tp = {layout.tp}: the "
+                             "tensor-parallel ranks would drop different inputs of the same tokens; set "
+                             "model.lora.dropout to 0 or train with tp = 1")
         self.cfg, self.state, self.world_size = cfg, state, state.world_size
         self.is_logging_rank = state.rank == 0
         hf_dir = weights_dir(m.pretrained)
@@ -53,17 +57,21 @@ class ParallelEngine:
         self._flop_params = flop_params(model)
         if m.freeze:
             freeze(model, m.freeze)
+        device = torch.device(cfg.training.device)
+        dtype = getattr(torch, m.dtype)
+        self.lora, adapters = m.lora, None
+        if m.lora is not None:
+            apply_lora(model, m.lora)
+            adapters = initial_adapters(model, device, dtype)
         self.chunks = build_pipeline_chunks(model, layout, state)
         self.model = self.chunks[0][0]
         sp = layout.sequence_parallel and state.tp > 1
         for part in self._parts():
             if state.tp > 1:
                 apply_tensor_parallel(part, state.tp_group, sp, overlap_chunks=layout.tp_overlap_chunks)
-        device = torch.device(cfg.training.device)
-        dtype = getattr(torch, m.dtype)
         for part in self._parts():
             pckpt.materialize(part, device, dtype)
-            pckpt.load_weights(part, hf_dir, state)
+            pckpt.load_weights(part, hf_dir, state, extra=adapters)
             if state.cp > 1:
                 apply_context_parallel(part, state.cp_group, layout.cp_kind)
             part.set_recompute(vision=m.recompute_vision, text=m.recompute_text)
@@ -123,7 +131,7 @@ class ParallelEngine:
 
         with self.autocast():
             loss_sum, _ = forward_backward(self.chunks, micro, s, 1.0 / max(label_tokens, 1), self.transforms,
-                                           grad_sync)
+                                           grad_sync, overlap_p2p=s.layout.overlap_p2p_comm)
 
         def other_sums():
             for part in self._parts():
@@ -196,9 +204,12 @@ class ParallelEngine:
              save_optimizer: bool, save_rng: bool, keep_last: int, assets: Path | None = None) -> Path | None:
         """Write checkpoint `step`: every rank its shards (parallel/shard_writer.py), then rank 0
         publishes it (rename, `latest`) once every rank has reported its files written and fsynced.
+        A LoRA run's checkpoint holds the adapters alone, gathered to rank 0 (they are small).
         Returns the checkpoint's path on rank 0, None elsewhere."""
         from mmfuse.parallel.shard_writer import attempt, settle, write_shards
 
+        if self._saved_names(lora) is not None:
+            return self._save_adapters(save_dir, step, state, lora, save_optimizer, save_rng, keep_last)
         s, save_dir = self.state, Path(save_dir)
         data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
         tmp = ckpt.checkpoint_tmp_dir(save_dir, step)
@@ -229,8 +240,14 @@ class ParallelEngine:
         import json
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        for part in self._parts():
-            pckpt.load_weights(part, path / "model", self.state)
+        if (path / "adapters").is_dir():
+            # a LoRA checkpoint holds the adapters; the base weights are the pretrained ones
+            _, adapters = read_adapters(path / "adapters")
+            for part in self._parts():
+                pckpt.load_weights(part, weights_dir(self.cfg.model.pretrained), self.state, extra=adapters)
+        else:
+            for part in self._parts():
+                pckpt.load_weights(part, path / "model", self.state)
         if load_optimizer:
             names = {n for part in self._parts() for n, _ in part.named_parameters()}
             per_param = ckpt.read_optimizer_state(path, names)
@@ -253,6 +270,9 @@ class ParallelEngine:
         from mmfuse.parallel.shard_writer import attempt, settle, write_shards
 
         final = Path(final)
+        if self._saved_names(lora) is not None:
+            self._export_adapters(final, lora)
+            return
         errors: list[BaseException] = []
         if self.state.rank == 0:
             attempt(errors, lambda: _clear_weights(final))
@@ -262,14 +282,70 @@ class ParallelEngine:
             attempt(errors, lambda: ckpt.copy_model_assets(assets, final))
         settle(errors, f"exporting {final}", self._device())
 
+    def _save_adapters(self, save_dir: Path, step: int, state: dict[str, Any], lora: LoRAConfig,
+                       save_optimizer: bool, save_rng: bool, keep_last: int) -> Path | None:
+        """A LoRA run's checkpoint: the adapters and their optimizer state, TP shards gathered, sent to
+        rank 0, which writes them in the PEFT format."""
+        s = self.state
+        optimizer_state = None
+        if save_optimizer:
+            optimizer_state = (self.zero.state_dict()["state"] if self.zero is not None
+                               else self._optimizer_source().by_name)
+        weights, optim = {}, {}
+        for part in self._parts():
+            w, o = pckpt.full_tensors(part, optimizer_state, s, only=self._saved_names(lora))
+            weights.update(w)
+            optim.update(o)
+        data = pckpt.gather_objects_over_dp(state.get("data"), s) if s.tp_rank == 0 and s.cp_rank == 0 else None
+        gathered = pckpt.gather_to_rank0(weights, optim, s)
+        path = None
+        if s.rank == 0:
+            full_w, full_o = gathered
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            path = ckpt.write_checkpoint(save_dir, step, self._whole(full_w, lora),
+                                         full_o if save_optimizer else None, groups,
+                                         dict(state, data_ranks=data, layout=self.describe()), lora, save_rng,
+                                         keep_last)
+        dist.barrier()
+        return path
+
+    def _export_adapters(self, final: Path, lora: LoRAConfig) -> None:
+        """The trained adapters, gathered to rank 0, in the PEFT format under final/adapters."""
+        weights = {}
+        for part in self._parts():
+            weights.update(pckpt.full_tensors(part, None, self.state, only=self._saved_names(lora))[0])
+        gathered = pckpt.gather_to_rank0(weights, {}, self.state)
+        if self.state.rank == 0:
+            ckpt.save_adapters(self._whole(gathered[0], lora), final / "adapters", lora)
+        dist.barrier()
+
+    def _saved_names(self, lora: LoRAConfig | None):
+        """Which state-dict entries a save gathers: the adapters alone in a LoRA run, else all."""
+        return is_adapter_param if lora is not None and self.lora is not None else None
+
+    def _whole(self, tensors: dict[str, torch.Tensor], lora: LoRAConfig | None) -> Qwen2_5_VL:
+        """The whole model on the meta device holding the gathered tensors: every one of them, or, in a
+        LoRA run, the adapters only (the base weights stay meta; saving writes adapter files)."""
+        with torch.device("meta"):
+            whole = Qwen2_5_VL(self.model.cfg)
+        if self._saved_names(lora) is None:
+            whole.load_state_dict(tensors, strict=True, assign=True)
+            return whole
+        apply_lora(whole, self.lora)      # on the meta device: draws no random numbers
+        missing = sorted({n for n in whole.state_dict() if is_adapter_param(n)} - set(tensors))
+        if missing:
+            raise RuntimeError(f"gathered adapters lack {len(missing)} tensors, e.g. {missing[:3]}")
+        whole.load_state_dict(tensors, strict=False, assign=True)
+        return whole
+
+
+def _all_reduce(t: torch.Tensor, group) -> None:
+    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+        dist.all_reduce(t, group=group)
+
 
 def _clear_weights(d: Path) -> None:
     """Remove the weights of an earlier export from d (a new one may have fewer shards)."""
     d.mkdir(parents=True, exist_ok=True)
     for f in [*d.glob("*.safetensors"), d / "model.safetensors.index.json"]:
         f.unlink(missing_ok=True)
-
-
-def _all_reduce(t: torch.Tensor, group) -> None:
-    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
-        dist.all_reduce(t, group=group)

@@ -41,6 +41,12 @@ class LoRAConfig:
             raise ValueError("lora.target_modules is empty; name the Linear modules to adapt (e.g. q_proj)")
 
 
+@torch.no_grad()
+def init_lora_A_(a: torch.Tensor) -> torch.Tensor:
+    """PEFT's init of A (B starts at 0, so the update starts at exactly 0)."""
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update; `merge()` folds it into weight, `unmerge()` takes it out."""
 
@@ -51,7 +57,7 @@ class LoRALinear(nn.Linear):
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # PEFT's init: the update starts at exactly 0
+        init_lora_A_(self.lora_A)
         self.scaling = alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -125,17 +131,39 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_A" not in k and ".lora_B" not in k}
 
 
+def is_adapter_param(name: str) -> bool:
+    """Whether a state-dict name is a LoRA tensor (`<module>.lora_A` / `<module>.lora_B`)."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def initial_adapters(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole adapters of a model that `apply_lora` wrapped on the meta device, by state-dict name,
+    drawn from the global RNG in the order (and so with the values) `apply_lora` draws them on a
+    materialised model: a run that builds its model on the meta device and keeps slices of it starts
+    from the adapters of the one-process run with the same seed."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = init_lora_A_(torch.empty(m.lora_A.shape, device=device, dtype=dtype))
+        out[f"{name}.lora_B"] = torch.zeros(m.lora_B.shape, device=device, dtype=dtype)
+    return out
+
+
 def save_adapters(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig) -> None:
     """adapter_model.safetensors + adapter_config.json (PEFT names: base_model.model.<module>.lora_A.weight)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("save_adapters: the model has no LoRA modules (call apply_lora first)")
+    write_adapters({f"{name}.lora_{ab}": getattr(m, f"lora_{ab}") for name, m in mods.items() for ab in "AB"},
+                   out_dir, cfg)
+
+
+def write_adapters(tensors_by_name: dict[str, torch.Tensor], out_dir: str | os.PathLike, cfg: LoRAConfig) -> None:
+    """save_adapters from the adapter tensors by state-dict name (`<module>.lora_A`), e.g. gathered
+    from the ranks of a parallel run."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, m in mods.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    tensors = {f"base_model.model.{name}.weight": t.detach().cpu().contiguous()
+               for name, t in sorted(tensors_by_name.items())}
     config = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
               "target_modules": list(cfg.target_modules), "bias": "none", "task_type": "CAUSAL_LM",
               "mmfuse": asdict(cfg)}
@@ -147,9 +175,15 @@ def save_adapters(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig)
     os.replace(tmp, d / "adapter_config.json")
 
 
-def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Apply LoRA as adapter_config.json says and load adapter_model.safetensors into it."""
-    d = Path(adapter_dir)
+def read_adapters(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """(config, adapter tensors by state-dict name `<module>.lora_A`) of an adapter directory."""
+    cfg, tensors, _ = _read_adapter_files(Path(adapter_dir))
+    prefix, suffix = "base_model.model.", ".weight"
+    return cfg, {k[len(prefix):-len(suffix)]: v for k, v in tensors.items()
+                 if k.startswith(prefix) and k.endswith(suffix)}
+
+
+def _read_adapter_files(d: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], Path]:
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
@@ -159,10 +193,15 @@ def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfi
     cfg = LoRAConfig(**raw["mmfuse"]) if "mmfuse" in raw else LoRAConfig(
         rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
         target_modules=list(raw["target_modules"]))
+    return cfg, load_file(str(weights)), weights
+
+
+def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Apply LoRA as adapter_config.json says and load adapter_model.safetensors into it."""
+    cfg, tensors, weights = _read_adapter_files(Path(adapter_dir))
     if not lora_modules(model):
         apply_lora(model, cfg)
     mods = lora_modules(model)
-    tensors = load_file(str(weights))
     expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in mods for ab in "AB"}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:

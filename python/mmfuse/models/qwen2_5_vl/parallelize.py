@@ -18,6 +18,7 @@ from torch import nn
 
 from mmfuse.models.qwen2_5_vl.model import Qwen2_5_VL
 from mmfuse.parallel.collectives import group_size
+from mmfuse.parallel.lora_parallel import with_lora
 from mmfuse.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from mmfuse.parallel.vocab_parallel_loss import VocabParallelLinearCrossEntropy
 
@@ -42,8 +43,9 @@ TP_PLAN: list[tuple[str, str, int, bool]] = [
 SEQUENCE_PARALLEL_PARAMS = r"model\.(layers\.\d+\.(input_layernorm|post_attention_layernorm)|norm)\.weight"
 
 _BUILD = {
-    "column": lambda m, g, sp, blocks, ov: ColumnParallelLinear.from_linear(m, g, sp, blocks, ov),
-    "row": lambda m, g, sp, blocks, ov: RowParallelLinear.from_linear(m, g, sp, blocks, ov),
+    # a LoRALinear (models/common/lora.py) becomes the same layer with its adapters split to match
+    "column": lambda m, g, sp, blocks, ov: with_lora(ColumnParallelLinear.from_linear(m, g, sp, blocks, ov), m, blocks),
+    "row": lambda m, g, sp, blocks, ov: with_lora(RowParallelLinear.from_linear(m, g, sp, blocks, ov), m, blocks),
     "vocab": lambda m, g, sp, blocks, ov: VocabParallelEmbedding.from_embedding(m, g),
 }
 
