@@ -8,7 +8,8 @@ load drifts over all of them alike. Kernel calls only (the outputs are allocated
 
 A --so argument is a `_C*.so` file or a directory holding one. Cases (fp32 unless --dtype):
   windows       T=4096 in 64 windows of 64, H 16, D 80 (Qwen2.5-VL vision); SDPA on [64, 16, 64, 80]
-  dense         S=2048, H 16, D 128;          dense_causal: the same, causal
+  dense         S=2048, H 16, D 128;          dense_causal: the same, causal (one-sequence cases also
+                time sdpa_bhsd: SDPA on contiguous [1, H, S, D] copies, bench_attention's layout)
   varlen        8 seqs packed in 8192 tokens (bench_attention's lengths), causal, GQA 16/2, D 128
 Prints p50 ms (p20-p80) per build and mode and each build's ratio to the first build and to SDPA.
 """
@@ -118,6 +119,23 @@ def sdpa_fns(c):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def sdpa_contiguous_fns(c):
+    """One sequence: SDPA on contiguous [1, H, S, D] copies (its preferred layout; bench_attention's)."""
+    leaves = [t.detach().transpose(0, 1)[None].contiguous().requires_grad_(True) for t in (c["q"], c["k"], c["v"])]
+    dout = c["dout"].transpose(0, 1)[None].contiguous()
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(*leaves, is_causal=c["causal"])
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        F.scaled_dot_product_attention(*leaves, is_causal=c["causal"]).backward(dout)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--so", action="append", required=True, help="a _C*.so (or its directory); repeatable")
@@ -140,6 +158,8 @@ def main(argv=None) -> int:
         provs = {f"build{i}": kernel_fns(C, c) for i, C in enumerate(builds)}
         if not args.no_sdpa:
             provs["sdpa"] = sdpa_fns(c)
+            if len(c["lengths"]) == 1:
+                provs["sdpa_bhsd"] = sdpa_contiguous_fns(c)
         for mode in args.modes.split(","):
             flops = fwd_flops * (1 if mode == "fwd" else 3.5)
             times = {n: [] for n in provs}
@@ -157,6 +177,8 @@ def main(argv=None) -> int:
                 q20, q80 = s[int(0.2 * (len(s) - 1))], s[int(0.8 * (len(s) - 1))]
                 extra = f" vs build0 {med['build0'] / med[n]:5.2f}x" if n != "build0" else ""
                 extra += f" vs sdpa {med['sdpa'] / med[n]:5.2f}x" if "sdpa" in med and n != "sdpa" else ""
+                if "sdpa_bhsd" in med and not n.startswith("sdpa"):
+                    extra += f" vs sdpa_bhsd {med['sdpa_bhsd'] / med[n]:5.2f}x"
                 print(f"{name:>13} {mode:>8} {n:>7} {med[n]:9.2f} ms ({q20:8.2f}-{q80:8.2f}) "
                       f"{flops / med[n] / 1e6:6.1f} GF/s{extra}", flush=True)
     print(f"loadavg at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

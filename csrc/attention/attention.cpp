@@ -22,7 +22,9 @@
 // Items go to threads by a fixed rule (largest estimated work first onto the least loaded thread), so the
 // dQ sums are bitwise repeatable and causal work is balanced. When those nt buffers would exceed
 // kMaxPartialBytes, pass 1 skips dQ and pass 2 (one item per (sequence, query head, query tile))
-// accumulates it instead, recomputing S and dP (7 products). The softmax scale is folded into the K^T tile
+// accumulates it instead, recomputing S and dP (7 products). Q and dO of the tiled path are copied head-major once
+// per call, in the Dv pass (while both copies fit kMaxPartialBytes), so no item reads page-strided rows. P goes
+// through the forward's vectorised exp2. The softmax scale is folded into the K^T tile
 // once per item. Row buffers have an odd number of vectors per row (512-byte rows put a product's B
 // column block in 16 of the 64 L1 sets), and diagonal tiles skip their hidden triangle in all five products.
 //
@@ -56,6 +58,9 @@
 //   varlen fwd+bwd      962.2 / 773.8      1814.6 / 1491.6
 // Varlen through the op (bench/run_all.py --ops attention_varlen): fwd 193.8 ms, 1.42x a Python loop of SDPA
 // calls per sequence; fwd+bwd 742.8 ms, 1.62x.
+// On a 2-core AMD EPYC (Zen 3, AVX2 flavour), load average 1.6-2.0, against SDPA on contiguous [1, H, S, D] in the
+// same process (ab_attention's sdpa_bhsd; bench/results/attention-ab-2026-11-28-286687d.txt): fwd 0.98x, fwd+bwd
+// 0.98x (0.81x before the backward's packed Q / dO and vectorised exp), causal fwd 1.21x, causal fwd+bwd 1.33x.
 // Vision windows (short path; T = 4096 in 64 windows of 64, H = 16, D = 80) when that path was added, 2 threads,
 // load average 1.7: fwd 11.7 ms, fwd+bwd 41.9 ms against one batched SDPA call's 14.4 and 45.6.
 #include <algorithm>
@@ -634,8 +639,16 @@ void probabilities(M_* S, int64_t ld, const M_* lse, int64_t ni, int64_t nk, int
       for (int64_t c = 0; c < nk; ++c) s[c] = 0;
       continue;
     }
-#pragma omp simd
-    for (int64_t c = 0; c < nk; ++c) s[c] = exp_or_zero(s[c] - l);
+    if constexpr (std::is_same_v<M_, float>) {
+      // 2^(s log2 e - lse log2 e) through the forward's exp2 (one vreduceps + polynomial + vscalefps with
+      // AVX-512): exp_or_zero here took 16.5% of the backward (S 2048, H 16, D 128, one thread of a 2-core AVX2 EPYC), this 2.2%.
+      const vecf l2 = vecf{} + l * float(kLog2e);
+      int64_t c = 0;
+      for (; c + kVW <= nk; c += kVW) vstore(s + c, exp2_or_zero(vload(s + c) * float(kLog2e) - l2));
+      for (; c < nk; ++c) s[c] = exp2_or_zero(s[c] * float(kLog2e) - l2[0]);
+    } else {
+      for (int64_t c = 0; c < nk; ++c) s[c] = exp_or_zero(s[c] - l);
+    }
     if (!full) {
       const int64_t lo = mask.lo(i0 + r) - j0, hi = mask.hi(i0 + r) - j0;
       for (int64_t c = 0; c < nk; ++c)
@@ -903,6 +916,12 @@ void bwd_kernel(const AttentionBwdArgs& a) {
 
   // Dv [Hq, Tl] = rowsum(dO * O) - dlse: O(T H) memory.
   std::unique_ptr<M_[]> Dv(new M_[Hq * Tl > 0 ? Hq * Tl : 1]);
+  // The tiled path's Q and dO rows, head-major [Hq, Tl, ldr] (zeros past D), copied once in the Dv pass (token-major
+  // reads): pass 1 reads each query tile once per key tile, and loading those page-strided rows per item took 12% of
+  // the backward (S 2048, H 16, D 128, one thread of a 2-core AVX2 EPYC). Where the two copies would exceed
+  // kMaxPartialBytes, pass 1 loads its tiles per item instead.
+  const bool qg_packed = Tl > 0 && 2 * Hq * Tl * ldr * int64_t(sizeof(M_)) <= kMaxPartialBytes;
+  std::unique_ptr<M_[]> Qpk(qg_packed ? new M_[Hq * Tl * ldr] : nullptr), Gpk(qg_packed ? new M_[Hq * Tl * ldr] : nullptr);
   const auto rowsum = [&](const T* o_row, const T* g_row, M_* ob, M_* gb) {
     load_row<T>(o_row, ob, D);
     load_row<T>(g_row, gb, D);
@@ -921,7 +940,14 @@ void bwd_kernel(const AttentionBwdArgs& a) {
         const int64_t n = std::min<int64_t>(kBQ, a.cu_seqlens_q[b + 1] - q0 - qtiles.row0[t]);
         for (int64_t i = qtiles.row0[t]; i < qtiles.row0[t] + n; ++i)
           for (int64_t h = 0; h < Hq; ++h) {
-            const M_ s = rowsum(out + ((q0 + i) * Hq + h) * D, dout + ((q0 + i) * Hq + h) * D, ob.get(), gb.get());
+            M_* gd = qg_packed ? Gpk.get() + (h * Tl + lrow[b] + i) * ldr : gb.get();
+            const M_ s = rowsum(out + ((q0 + i) * Hq + h) * D, dout + ((q0 + i) * Hq + h) * D, ob.get(), gd);
+            if (qg_packed) {
+              M_* qd = Qpk.get() + (h * Tl + lrow[b] + i) * ldr;
+              load_row<T>(q + ((q0 + i) * Hq + h) * D, qd, D);
+              std::fill(qd + D, qd + ldr, M_(0));
+              std::fill(gd + D, gd + ldr, M_(0));
+            }
             Dv[h * Tl + lrow[b] + i] = dlse ? s - dlse[h * Tq + q0 + i] : s;
           }
       }
@@ -1042,10 +1068,16 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = ibeg; i0 < iend; i0 += kBQ) {
           const int64_t ni = std::min<int64_t>(kBQ, iend - i0);
-          load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), ldr, M_(1));
-          load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), ldr, M_(1));
           const int64_t lr = h * Tl + lrow[b] + i0;
-          products(mask, i0, ni, j0, nk, Qb.get(), Gb.get(), ldr, Kt, Vt, kBKp, dq_in_pass1 ? Kb.get() : nullptr, ldr,
+          const M_ *Qt = Qb.get(), *Gt = Gb.get();
+          if (qg_packed) {
+            Qt = Qpk.get() + lr * ldr;
+            Gt = Gpk.get() + lr * ldr;
+          } else {
+            load_rows<T, M_>(q, q0 + i0, ni, Hq, h, D, Qb.get(), ldr, M_(1));
+            load_rows<T, M_>(dout, q0 + i0, ni, Hq, h, D, Gb.get(), ldr, M_(1));
+          }
+          products(mask, i0, ni, j0, nk, Qt, Gt, ldr, Kt, Vt, kBKp, dq_in_pass1 ? Kb.get() : nullptr, ldr,
                    lse + h * Tq + q0 + i0, Dv.get() + lr, dK, dV, dq_in_pass1 ? dQacc + lr * Dp : nullptr);
         }
       store_rows<T, M_>(dK, Dp, k0 + j0, nk, Hk, hk, D, dk, scale);
