@@ -9,7 +9,8 @@ DEPS_STAMP := $(VENV)/.mmfuse-deps
 # swaps it for a multi-GB CUDA build; transformers is the test oracle only, never a runtime import.
 # triton is a test dependency here: its interpreter runs the Triton kernels on CPU tensors
 # (tests/ops); pinned to the version whose interpreter those tests were written against.
-DEPS := numpy safetensors tokenizers pillow pyyaml tqdm \
+# av (PyAV, FFmpeg bundled) decodes video files; the tests encode and decode real MPEG-4 clips.
+DEPS := numpy safetensors tokenizers pillow pyyaml tqdm av \
         "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
         pytest psutil matplotlib "transformers==5.24.0" "triton==3.9.0"
 

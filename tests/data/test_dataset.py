@@ -211,3 +211,14 @@ def test_every_media_and_processor_failure_is_skipped_and_counted_by_reason(tmp_
     assert video is not None and video.video_grid_thw.tolist() == [[2, 4, 4]]
     assert again.cache_stats["miss"] == 1
     assert again.load(0) is None and again.cache_stats["hit"] == 1     # a data problem stays cached
+
+
+def test_real_video_file_becomes_a_video_sample(tmp_path, tok):
+    from tests.data.test_media import _encode_mp4
+    _encode_mp4(tmp_path / "clip.mp4", frames=20, fps=4)            # 5 s: 10 frames at 2 fps
+    conv = [{"role": "user", "content": "<video>What colour is it?"}, {"role": "assistant", "content": "Grey."}]
+    (tmp_path / "v.json").write_text(json.dumps([{"videos": ["clip.mp4"], "messages": conv}]))
+    cfg = DataConfig(dataset=["v.json"], dataset_dir=str(tmp_path), cutoff_len=512)
+    sample = MLLMDataset(cfg, tokenizer=tok, processor=FakeProcessor()).load(0)
+    assert sample is not None
+    assert sample.video_grid_thw[0, 0].item() == 5 and sample.second_per_grid_ts.tolist() == [1.0]

@@ -70,3 +70,37 @@ def test_corrupt_video_file_is_an_unreadable_video(tmp_path, monkeypatch):
     with pytest.raises(SampleError) as err:
         load_video(tmp_path / "bad.mp4", 0, 10**6, fps=2.0, maxlen=64)
     assert err.value.reason == "unreadable_video" and "bad.mp4" in err.value.detail
+
+
+def _encode_mp4(path, frames: int, fps: int, size=(64, 48)) -> None:
+    """A real MPEG-4 file whose frame i is flat grey level 12*i (PyAV's bundled FFmpeg encodes it)."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            image = np.full((size[1], size[0], 3), 12 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_real_mp4_is_decoded_with_pyav_at_the_asked_fps(tmp_path):
+    _encode_mp4(tmp_path / "clip.mp4", frames=20, fps=4)          # 5 s of video
+    frames, rate = load_video(tmp_path / "clip.mp4", 0, 10**6, fps=2.0, maxlen=64)
+    assert len(frames) == 10 and rate == 2.0 and frames[0].size == (64, 48)
+    # 10 of 20 frames evenly spread (0, 2, ..., 19); a lossy codec: grey levels within a few units
+    want = sample_indices(20, 5.0, 2.0, 64) * 12
+    got = np.array([f.getpixel((10, 10))[0] for f in frames])
+    assert np.abs(got - want).max() <= 6, (got, want)
+    frames, _ = load_video(tmp_path / "clip.mp4", 0, 10**6, fps=2.0, maxlen=3)
+    assert len(frames) == 4 and frames[-1] is frames[-2]
+
+
+def test_truncated_mp4_is_an_unreadable_video_naming_the_file(tmp_path):
+    _encode_mp4(tmp_path / "clip.mp4", frames=8, fps=4)
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes()[:200])
+    with pytest.raises(SampleError) as err:
+        load_video(tmp_path / "cut.mp4", 0, 10**6, fps=2.0, maxlen=64)
+    assert err.value.reason == "unreadable_video" and "cut.mp4" in err.value.detail

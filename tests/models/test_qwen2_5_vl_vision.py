@@ -102,6 +102,7 @@ def test_fp32_gradients_equal_hf(name, grid):
 
 
 def test_bf16_output_and_gradient_errors_within_twice_hf_bf16_errors():
+    torch.manual_seed(0)    # inputs must not depend on which tests ran before
     ours32, hf32 = _pair("head_dim_80")
     ours, hf, hf64 = copy.deepcopy(ours32).bfloat16(), copy.deepcopy(hf32).bfloat16(), copy.deepcopy(hf32).double()
     pixels, grid = _inputs(GRIDS["mix"], ours32.cfg)
@@ -113,7 +114,10 @@ def test_bf16_output_and_gradient_errors_within_twice_hf_bf16_errors():
     for n in ref:
         mine_err = (mine[n].double() - ref[n]).abs().max().item()
         hf_err = (theirs[n].double() - ref[n]).abs().max().item()
-        assert mine_err <= 2 * hf_err + 1e-6 * ref[n].abs().max().item(), (n, mine_err, hf_err)
+        # plus half a bf16 ulp of the largest value: the final rounding alone costs that much, and
+        # over 12 seeds the ratio of worst errors ran 1.2-1.65x with one 2.5x outlier (a bias
+        # gradient: our 0.0084 vs HF's lucky 0.0034 at magnitude 1.19, i.e. one rounding step)
+        assert mine_err <= 2 * hf_err + 2**-8 * ref[n].abs().max().item(), (n, mine_err, hf_err)
 
 
 def test_pixel_values_are_cast_to_the_weight_dtype():
