@@ -134,8 +134,11 @@ def test_second_backward_through_the_same_forward_recomputes(device):
     first = torch.autograd.grad(loss, (h, w), on(device, torch.tensor(3.0)), retain_graph=True)
     first = tuple(g.clone() for g in first)
     second = torch.autograd.grad(loss, (h, w), on(device, torch.tensor(6.0)))
+    # Rounding, not equality: the Triton path scales the logit gradients by grad_output before its
+    # GEMMs, so 3x and 6x round differently (1.6e-6 relative seen on AMD Zen 3); a reused or stale
+    # gradient would be off by 50% or more.
     for a, b in zip(first, second):
-        torch.testing.assert_close(2 * a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(2 * a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_default_chunk_size_is_about_the_size_of_hidden_with_a_floor():

@@ -9,11 +9,9 @@ import torch
 
 from mmfuse.parallel import ParallelLayout
 from mmfuse.parallel.p2p import PipelineP2P
-from mmfuse.parallel.pipeline_schedule import build_pipeline_chunks, forward_backward, sync_tied_embedding_grads
 from mmfuse.parallel.state import build_state
-from tests.parallel.batches import label_tokens
 from tests.parallel.spawn import run_ranks
-from tests.parallel.test_pipeline_parallel import deeper_tiny_model, optimizer, step_batches
+from tests.parallel.test_pipeline_parallel import deeper_tiny_model, train
 
 STEPS = 2
 
@@ -21,18 +19,7 @@ STEPS = 2
 def _train_rank(rank, world_size, layout_kw, n_micro, overlap):
     layout = ParallelLayout(timeout_s=30, **layout_kw)
     model = deeper_tiny_model()
-    state = build_state(layout, rank, world_size)
-    chunks = build_pipeline_chunks(model, layout, state)
-    opt = optimizer(model)
-    losses = []
-    for step in range(STEPS):
-        batches = step_batches(model.cfg, step, n_micro)
-        opt.zero_grad()
-        losses.append(forward_backward(chunks, batches, state, 1.0 / sum(label_tokens(b) for b in batches),
-                                       overlap_p2p=overlap))
-        sync_tied_embedding_grads(model, state)
-        opt.step()
-    return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return train(model, build_state(layout, rank, world_size), layout, n_micro, overlap, steps=STEPS)
 
 
 @pytest.mark.parametrize("layout_kw,n_micro", [

@@ -45,14 +45,15 @@ def step_batches(cfg, step: int, n: int) -> list[dict]:
     return batches
 
 
-def train(model, state, layout, n_micro: int) -> dict:
+def train(model, state, layout, n_micro: int, overlap_p2p: bool = True, steps: int = STEPS) -> dict:
     chunks = build_pipeline_chunks(model, layout, state)
     opt = optimizer(model)
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         batches = step_batches(model.cfg, step, n_micro)
         opt.zero_grad()
-        loss, tokens = forward_backward(chunks, batches, state, 1.0 / sum(label_tokens(b) for b in batches))
+        loss, tokens = forward_backward(chunks, batches, state, 1.0 / sum(label_tokens(b) for b in batches),
+                                        overlap_p2p=overlap_p2p)
         sync_tied_embedding_grads(model, state)
         opt.step()
         losses.append((loss, tokens))

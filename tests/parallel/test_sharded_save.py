@@ -14,20 +14,11 @@ from safetensors import safe_open
 
 from mmfuse.parallel.shard_writer import Item, deal, file_names, plan
 from tests.parallel.spawn import run_ranks
-from tests.parallel.test_train_layouts import STEPS, reference, run_config, run_layout, small_config, train_steps
+from tests.parallel.test_train_layouts import (STEPS, model_dir, reference, run_config, run_layout,  # noqa: F401
+                                               small_config, train_steps)
 
 TP2_PP2 = dict(tp=2, pp=2, llm_pp_layers=[2, 2])
 DP2_TP2_ZERO1 = dict(tp=2, zero1=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
-
-    d = tmp_path_factory.mktemp("shard_model")
-    torch.manual_seed(0)
-    Qwen2_5_VL(small_config()).save_pretrained(d)
-    return str(d)
 
 
 def _rank_save(rank, world, model_dir, save_dir, layout, steps, fail_rank):
