@@ -14,7 +14,8 @@ from mmfuse.models.qwen2_5_vl.parallelize import apply_tensor_parallel, check_di
 from mmfuse.models.qwen2_5_vl.pipeline import _Absent, keep_only, stage_forward, stage_specs
 from mmfuse.parallel import ParallelLayout
 from mmfuse.parallel.collectives import gather_sequence
-from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms, pad_with_sample, padded_length
+from mmfuse.parallel.sequence_parallel import (SequenceParallelTransforms, pad_with_sample, padded_length,
+                                               vision_padding)
 from mmfuse.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                              full_grads, full_state_dict, load_full_state_dict,
                                              sync_sequence_parallel_grads)
@@ -136,15 +137,20 @@ def _model_rank(rank, world):
         tp_model.zero_grad(set_to_none=True)
         tp_model = apply_tensor_parallel(keep_only(tp_model, [spec]), group, sp, overlap_chunks=overlap)
         transforms = SequenceParallelTransforms(group) if sp else None
-        losses = []
+        losses, vit_rows = [], []
+        hook = tp_model.visual.blocks[0].norm1.register_forward_hook(lambda m, i, o: vit_rows.append(i[0].shape[0]))
         for b in batches:
             out = stage_forward(tp_model, spec, b, None, transforms)
             out.loss_sum.backward()
             losses.append(float(out.loss_sum.detach()))
+        hook.remove()
         sync_sequence_parallel_grads(tp_model, group)
         grads = full_grads(tp_model, group)
         assert set(grads) == set(want), set(grads) ^ set(want)
-        results[variant] = {"losses": losses, "ref_losses": ref_losses,
+        all_rows = [sum(b[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if b.get(k) is not None)
+                    for b in batches]
+        all_rows = [n for n in all_rows if n]
+        results[variant] = {"losses": losses, "ref_losses": ref_losses, "vit_rows": vit_rows, "all_rows": all_rows,
                             "grad errors": {n: _max_err(grads[n], want[n]) for n in want}}
     return results
 
@@ -162,6 +168,42 @@ def test_tp2_model_loss_and_grads_equal_single_process(model_runs, variant):
         assert res["losses"] == pytest.approx(res["ref_losses"], rel=1e-5, abs=1e-5)
         bad = {n: e for n, e in res["grad errors"].items() if e > 1e-4}
         assert not bad, bad
+        # the vision blocks' norms see every patch without SP, this rank's half with it
+        share = 2 if VARIANTS[variant][0] else 1
+        assert res["all_rows"] and res["vit_rows"] == [n // share for n in res["all_rows"]]
+
+
+class _PadAsIfTP8(SequenceParallelTransforms):
+    """Sequence parallel's padding for tp = 8 in one process (shards and gathers are the identity)."""
+    tp = 8
+
+
+def test_vision_padding_image_changes_no_loss_or_gradient():
+    model = tiny_model()
+    _randomize_biases_and_norms(model)
+    spec = stage_specs([2], [2])[0]
+    padded = copy.deepcopy(model)
+    batches = micro_batches(model.cfg, 3)
+    rows = [b["pixel_values"].shape[0] for b in batches if b.get("pixel_values") is not None]
+    assert any(vision_padding(n, 8, 2) for n in rows), rows     # the padding image is really added
+    for b in batches:
+        want = stage_forward(model, spec, b, None)
+        got = stage_forward(padded, spec, b, None, _PadAsIfTP8(None))
+        want.loss_sum.backward()
+        got.loss_sum.backward()
+        assert float(got.loss_sum.detach()) == pytest.approx(float(want.loss_sum.detach()), rel=1e-6)
+    for (n, p), q in zip(model.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_vision_padding_is_whole_merge_groups_up_to_a_multiple_of_tp():
+    assert [vision_padding(n, 2, 2) for n in (4, 8, 12)] == [0, 0, 0]
+    assert [vision_padding(n, 8, 2) for n in (4, 8, 12, 16)] == [4, 0, 4, 0]
+    assert vision_padding(36, 3, 3) == 0 and vision_padding(9, 2, 3) == 9    # 9 rows -> 18
+    stream, grid = torch.randn(12, 5), torch.tensor([[1, 2, 6]])
+    pixels, grid = _PadAsIfTP8(None).pad_vision(stream, grid, 2)
+    assert pixels.shape == (16, 5) and grid.tolist() == [[1, 2, 6], [1, 2, 2]]
+    assert torch.equal(pixels[:12], stream) and not pixels[12:].any()
 
 
 def _state_dict_rank(rank, world):

@@ -18,7 +18,7 @@ Pure arithmetic on the model config; `planner.py` assembles it into per-stage me
     decoder layer  2·T·(4H/s + (2H + 2K + 3I)/t) + 4·T·heads/t     s = t with SP, else 1
                    (norm inputs and outputs; q, k, v, attention output; gate, up, SwiGLU output;
                    the softmax statistics in fp32). K = key/value width (heads_kv · head_dim).
-    ViT block      2·P·(4D + (6D + 3I)/t) + 4·P·heads/t                (no SP in the vision tower)
+    ViT block      2·P·(4D/s + (6D + 3I)/t) + 4·P·heads/t
                    (v is a view of the fused qkv output, so all 3D of it stays alive next to the
                    rotated q and k), plus the fp32 rotary tables 4·P·head_dim once per micro-batch.
     loss head      final norm input and output, the input gradient (T·H) and LM-head gradient (V/t·H)
@@ -27,7 +27,8 @@ Pure arithmetic on the model config; `planner.py` assembles it into per-stage me
     selective      drops the softmax statistics only (the fused kernel already keeps no T² tensor)
     full           2·T·H/s per layer (its input) + one layer's activations while it is recomputed
   With SP, column-parallel linears keep their input sharded and all-gather it again in backward.
-  T = seq_length / cp tokens per rank; the vision tower is not split by CP (P patches on every rank).
+  T = seq_length / cp tokens per rank; the vision tower is not split by CP (P patches on every rank);
+  with SP its blocks hold P/t patches between their TP regions and send P/t to the next stage.
 - Communication counts bytes one rank sends (ring algorithms: all-gather/reduce-scatter (n−1)/n of the
   full tensor, all-reduce 2(n−1)/n).
 """
@@ -168,13 +169,14 @@ class Costs:
         if not self.bwd_vit:
             return 0, 0
         v, P, tp = self.cfg.vision, self.P, self.tp
+        s = tp if self.sp else 1
         D, I = v.hidden_size, v.intermediate_size
         lse = 4 * P * v.num_heads // tp
-        full = 2 * P * (4 * D + (6 * D + 3 * I) // tp) + lse
+        full = 2 * P * (4 * D // s + (6 * D + 3 * I) // tp) + lse
         if self.rc_vision == "selective":
             return full - lse, 0
         if self.rc_vision == "full":
-            return 2 * P * D, full
+            return 2 * P * D // s, full
         return full, 0
 
     def stage_activation_bytes(self, st: VirtualStage) -> tuple[int, int]:
@@ -277,8 +279,8 @@ class Costs:
                 fwd *= 2
             b += st.llm * (fwd + bwd)
         if st.vit:
-            fwd = 4 * S_v * share
-            bwd = 4 * S_v * share if self.bwd_vit else 0
+            fwd = 4 * S_v * share                        # as the decoder's: SP all-gathers/reduce-scatters
+            bwd = (6 if self.sp else 4) * S_v * share if self.bwd_vit else 0
             if self.rc_vision == "full" and self.bwd_vit:
                 fwd *= 2
             b += st.vit * (fwd + bwd)
@@ -286,6 +288,8 @@ class Costs:
             b += 2 * (2 * self.G * v.out_hidden_size) * share
             if self.bwd_vit:
                 b += 2 * S_v * share
+            if self.sp:
+                b += S_v * share                         # all-gather of the patches (its backward slices)
         if st.embed:   # vocab-parallel lookup: reduce-scatter (SP) or all-reduce; the gradient is gathered back
             b += S_t * share if self.sp else 2 * S_t * share
             b += S_t * share if self.sp and self.trainable["text_decoder"] else 0
@@ -315,7 +319,7 @@ class Costs:
         if kind == "merged":
             return 2 * self.G * v.out_hidden_size
         if kind == "vit":
-            return 2 * self.P * v.hidden_size
+            return 2 * self.P * v.hidden_size // (self.tp if self.sp else 1)
         return 0
 
     def boundary_has_grad(self, kind: str) -> bool:

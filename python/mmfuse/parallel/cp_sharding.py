@@ -142,3 +142,14 @@ class ContextParallelTransforms:
     def gather_for_head(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """Identity: the loss is computed on local tokens (the caller sums it over CP ranks)."""
         return hidden_TD
+
+    # The vision tower is not split over CP: every CP rank encodes the micro-batch's images whole
+    # (their tokens are split after the embedding, with the text's).
+    def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int):
+        return pixels_TP, grid_thw
+
+    def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD
+
+    def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD

@@ -5,6 +5,16 @@ the tensor-parallel regions of the decoder (norms, residuals) each TP rank holds
   local_inputs     identity: attention runs inside the TP region, on every token
   shard_hidden     this rank's T/tp slice of the embeddings (which the vocab-parallel embedding all-reduced)
   gather_for_head  all-gather before the final norm and the vocab-parallel loss (backward reduce-scatters)
+
+and the same for the vision tower, whose window-ordered patch stream is split between the blocks'
+TP regions (norms, residuals, MLP input) the same way:
+
+  pad_vision       append one all-zero image so the patch rows split evenly over tp (its merged
+                   tokens are dropped after the merger; attention never crosses images, so the real
+                   images' outputs and gradients are those without it)
+  shard_vision     this rank's T/tp slice of the patch embeddings
+  gather_vision    all-gather before the merger, which runs whole on every rank (backward keeps this
+                   rank's slice: the merger's gradient is already complete on every rank)
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mmfuse.parallel.collectives import gather_sequence, group_size, scatter_to_group
+from mmfuse.parallel.collectives import gather_from_group, gather_sequence, group_size, scatter_to_group
 
 
 def padded_length(t: int, tp: int, cp: int = 1) -> int:
@@ -57,9 +67,13 @@ class SequenceParallelTransforms:
     def __init__(self, tp_group, cp_size: int = 1):
         self.group, self.cp_size = tp_group, cp_size
 
+    @property
+    def tp(self) -> int:
+        return group_size(self.group)
+
     def pad_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         t = batch["input_ids"].shape[0]
-        return pad_with_sample(batch, padded_length(t, group_size(self.group), self.cp_size))
+        return pad_with_sample(batch, padded_length(t, self.tp, self.cp_size))
 
     def local_inputs(self, inp):
         return inp
@@ -69,3 +83,28 @@ class SequenceParallelTransforms:
 
     def gather_for_head(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         return gather_sequence(hidden_TD, self.group)
+
+    def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = pixels_TP.shape[0]
+        pad = vision_padding(rows, self.tp, merge)
+        if pad == 0:
+            return pixels_TP, grid_thw
+        # one image of merge x (pad / merge) patches: merge groups whole, any window layout
+        pixels_TP = torch.cat([pixels_TP, pixels_TP.new_zeros(pad, pixels_TP.shape[1])])
+        grid_thw = torch.cat([grid_thw, grid_thw.new_tensor([[1, merge, pad // merge]])])
+        return pixels_TP, grid_thw
+
+    def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return scatter_to_group(x_TD, self.group)
+
+    def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return gather_from_group(x_TD, self.group)
+
+
+def vision_padding(rows: int, tp: int, merge: int) -> int:
+    """Patch rows to append so that `rows` (whole merge groups of merge² rows) splits evenly over tp.
+    A multiple of merge², so the padding image (merge x pad/merge patches) holds whole merge groups;
+    0 for tp 2 and 4 with the usual merge 2, whose streams are multiples of 4 already."""
+    unit = math.lcm(tp, merge * merge)
+    return -(-rows // unit) * unit - rows

@@ -2,8 +2,9 @@
 
 A stage (models/<family>/pipeline.py) calls, in order: pad_batch (once per micro-batch),
 local_inputs (positions/targets/cu_seqlens as this rank sees them), shard_hidden (right after the
-embedding) and gather_for_head (right before the loss). Chaining applies each transform in list order,
-except gather_for_head, which runs in reverse (undo the last sharding first).
+embedding) and gather_for_head (right before the loss); for the vision tower pad_vision,
+shard_vision (after the patch embedding) and gather_vision (before the merger). Chaining applies
+each transform in list order, except the gathers, which run in reverse (undo the last sharding first).
 """
 
 from __future__ import annotations
@@ -37,3 +38,19 @@ class ChainTransforms:
         for t in reversed(self.transforms):
             hidden_TD = t.gather_for_head(hidden_TD)
         return hidden_TD
+
+    def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        for t in self.transforms:
+            pixels_TP, grid_thw = t.pad_vision(pixels_TP, grid_thw, merge)
+        return pixels_TP, grid_thw
+
+    def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            x_TD = t.shard_vision(x_TD)
+        return x_TD
+
+    def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            x_TD = t.gather_vision(x_TD)
+        return x_TD

@@ -2,9 +2,10 @@
 patterns, mindspeed-mm.md §5: row-split qkv/fc1/embeddings/output layer, column-split proj/fc2;
 here as Megatron's column / row / vocab layers over the unfused HF modules).
 
-The vision tower and the merger run without sequence parallelism: the ViT stream is in window order
-and every rank needs all merged tokens for the placement at the image pads, so their activations stay
-whole on every rank; only the decoder shards tokens between its TP regions.
+Sequence parallelism shards tokens between the TP regions of the decoder and of the vision blocks
+(whose stream is in window order; attention runs inside the TP region on every patch, so the split
+needs no care for windows). The merger runs whole on every rank after an all-gather: every rank needs
+all merged tokens for the placement at the image pads.
 
 Training computes the loss without logits (vocab-parallel linear cross-entropy). `model.head(...,
 return_logits=True)` on a TP model returns this rank's vocabulary columns only ([T, V/tp]).
@@ -24,10 +25,10 @@ from mmfuse.parallel.vocab_parallel_loss import VocabParallelLinearCrossEntropy
 
 # (module name pattern, style, blocks split separately, sequence parallel where the run uses it)
 TP_PLAN: list[tuple[str, str, int, bool]] = [
-    (r"visual\.blocks\.\d+\.attn\.qkv",              "column", 3, False),  # fused [q; k; v]: rank r gets [q_r; k_r; v_r]
-    (r"visual\.blocks\.\d+\.attn\.proj",             "row",    1, False),
-    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj",    "column", 1, False),
-    (r"visual\.blocks\.\d+\.mlp\.down_proj",         "row",    1, False),
+    (r"visual\.blocks\.\d+\.attn\.qkv",              "column", 3, True),   # fused [q; k; v]: rank r gets [q_r; k_r; v_r]
+    (r"visual\.blocks\.\d+\.attn\.proj",             "row",    1, True),
+    (r"visual\.blocks\.\d+\.mlp\.(gate|up)_proj",    "column", 1, True),
+    (r"visual\.blocks\.\d+\.mlp\.down_proj",         "row",    1, True),
     (r"visual\.merger\.mlp\.0",                      "column", 1, False),
     (r"visual\.merger\.mlp\.2",                      "row",    1, False),
     (r"model\.embed_tokens",                         "vocab",  1, False),  # output all-reduced: every token
@@ -39,8 +40,10 @@ TP_PLAN: list[tuple[str, str, int, bool]] = [
 ]
 
 # Replicated parameters whose gradient is partial per rank under sequence parallelism: the decoder's
-# norms see T/tp tokens; the final norm's output gradient is this rank's vocabulary share.
-SEQUENCE_PARALLEL_PARAMS = r"model\.(layers\.\d+\.(input_layernorm|post_attention_layernorm)|norm)\.weight"
+# and the vision blocks' norms see T/tp tokens; the final norm's output gradient is this rank's
+# vocabulary share. (Row-parallel biases mark themselves: tensor_parallel.RowParallelLinear.)
+SEQUENCE_PARALLEL_PARAMS = (r"model\.(layers\.\d+\.(input_layernorm|post_attention_layernorm)|norm)\.weight"
+                            r"|visual\.blocks\.\d+\.norm[12]\.weight")
 
 _BUILD = {
     # a LoRALinear (models/common/lora.py) becomes the same layer with its adapters split to match

@@ -14,7 +14,9 @@ Images and videos go through the vision tower as one stream (attention never cro
 window, so this equals two separate calls) and are split again after the merger.
 
 `transforms` (default: none) is where context and sequence parallelism enter: padding the batch,
-sharding tokens after the embedding and the decoder inputs to match, gathering before the head.
+sharding tokens after the embedding and the decoder inputs to match, gathering before the head;
+for the vision tower, padding its stream (an extra all-zero image, dropped after the merger),
+sharding the patch embeddings and gathering them before the merger.
 With one stage and no transforms, `stage_forward` computes exactly `model(**batch)`.
 """
 
@@ -68,6 +70,10 @@ class Transforms(Protocol):
     def local_inputs(self, inp: DecoderInputs) -> DecoderInputs: ...
     def shard_hidden(self, hidden_TD: torch.Tensor, inp: DecoderInputs) -> torch.Tensor: ...
     def gather_for_head(self, hidden_TD: torch.Tensor) -> torch.Tensor: ...
+    def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor: ...
+    def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor: ...
 
 
 class NoTransforms:
@@ -82,6 +88,15 @@ class NoTransforms:
 
     def gather_for_head(self, hidden_TD):
         return hidden_TD
+
+    def pad_vision(self, pixels_TP, grid_thw, merge):
+        return pixels_TP, grid_thw
+
+    def shard_vision(self, x_TD):
+        return x_TD
+
+    def gather_vision(self, x_TD):
+        return x_TD
 
 
 class _Absent(nn.Module):
@@ -148,12 +163,14 @@ def stage_forward(model: Qwen2_5_VL, spec: StageSpec, batch: dict[str, Any], x_i
 
     if spec.vit_end > spec.vit_start or spec.patch_embed or spec.merger:
         if pixels is not None:
+            merged_rows = pixels.shape[0] // model.cfg.vision.spatial_merge_size ** 2
+            pixels, grid = tf.pad_vision(pixels, grid, model.cfg.vision.spatial_merge_size)
             vctx = model.visual.inputs(pixels, grid)
             if spec.patch_embed:
-                x = model.visual.embed(pixels, vctx)
+                x = tf.shard_vision(model.visual.embed(pixels, vctx))
             x = model.visual.run_blocks(x, vctx, model.visual.blocks[spec.vit_start:spec.vit_end])
             if spec.merger:
-                x = model.visual.merge(x, vctx)
+                x = model.visual.merge(tf.gather_vision(x), vctx)[:merged_rows]   # without the padding image
         elif spec.patch_embed:
             x = None
 

@@ -55,9 +55,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
-        T = x_TD.shape[0]
-        # -1 heads: a tensor-parallel plan gives each rank [q_r; k_r; v_r] rows of the fused qkv.
+        # Head count and length from qkv's output, not from x: a tensor-parallel plan gives each rank
+        # [q_r; k_r; v_r] rows of the fused qkv, and under sequence parallelism it gathers the tokens.
         qkv = self.qkv(x_TD)
+        T = qkv.shape[0]
         q_THDh, k_THDh, v_THDh = qkv.view(T, 3, qkv.shape[-1] // (3 * self.head_dim), self.head_dim).unbind(1)
         q_THDh, k_THDh = ops.rotary(q_THDh, cos, sin), ops.rotary(k_THDh, cos, sin)
         out_THDh = maybe_recompute(self.recompute_core_attention, self.core_attention,
