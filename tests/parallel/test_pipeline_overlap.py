@@ -11,28 +11,16 @@ from mmfuse.parallel import ParallelLayout
 from mmfuse.parallel.p2p import PipelineP2P
 from mmfuse.parallel.state import build_state
 from tests.parallel.spawn import run_ranks
-from tests.parallel.test_pipeline_parallel import deeper_tiny_model, train
+from tests.parallel.test_pipeline_parallel import PP2_SCHEDULES, train_rank
 
 STEPS = 2
 
 
-def _train_rank(rank, world_size, layout_kw, n_micro, overlap):
-    layout = ParallelLayout(timeout_s=30, **layout_kw)
-    model = deeper_tiny_model()
-    return train(model, build_state(layout, rank, world_size), layout, n_micro, overlap, steps=STEPS)
-
-
-@pytest.mark.parametrize("layout_kw,n_micro", [
-    pytest.param(dict(pp=2, vit_pp_layers=[4, 0], llm_pp_layers=[1, 3]), 4, id="pp2-1f1b"),
-    pytest.param(dict(pp=2, vpp=2, vit_pp_layers=[2, 2, 0, 0], llm_pp_layers=[0, 0, 2, 2]), 4,
-                 id="pp2-vpp2-vision-only-stages"),
-    pytest.param(dict(pp=2, vpp=3, vit_pp_layers=[2, 2, 0, 0, 0, 0], llm_pp_layers=[0, 0, 1, 1, 1, 1]), 2,
-                 id="pp2-vpp3-all-warmup"),
-])
+@pytest.mark.parametrize("layout_kw,n_micro", PP2_SCHEDULES)
 def test_overlapped_schedule_is_bit_identical_to_the_blocking_one(layout_kw, n_micro):
     pp = layout_kw["pp"]
-    overlapped = run_ranks(pp, _train_rank, layout_kw, n_micro, True, timeout_s=30)
-    blocking = run_ranks(pp, _train_rank, layout_kw, n_micro, False, timeout_s=30)
+    overlapped = run_ranks(pp, train_rank, layout_kw, n_micro, True, STEPS, timeout_s=30)
+    blocking = run_ranks(pp, train_rank, layout_kw, n_micro, False, STEPS, timeout_s=30)
     assert overlapped[-1]["losses"][0][1] > 0
     for got, want in zip(overlapped, blocking):
         assert got["losses"] == want["losses"]
