@@ -18,7 +18,9 @@ benchmark stops if they differ by more than rtol 1e-4. mm_token_type_ids is pass
 computes the M-RoPE positions itself.
 
 Peak memory: every (provider, size) runs in a fresh subprocess that loads the same weights file and
-builds the same inputs from the seed. After model + inputs are built, the kernel's RSS high-water
+builds the same inputs from the seed. After model + inputs are built and every weight has been read
+once (safetensors maps weights lazily; otherwise the first step's page-in of the weights would count
+as step memory, for every provider alike), the kernel's RSS high-water
 mark is reset (`echo 5 > /proc/self/clear_refs`) and the current RSS is the baseline; the peak is
 VmHWM after two steps, minus the baseline (ru_maxrss growth where clear_refs is unavailable: it
 cannot be reset, so a peak below the one of model construction is hidden; the record says which).
@@ -61,7 +63,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.models import step_tables  # noqa: E402
-from bench.models.peak_memory import PeakRss, live_tensor_peak  # noqa: E402
+from bench.models.peak_memory import PeakRss, live_tensor_peak, page_in  # noqa: E402
 from bench.models.step_tables import (FWD_BWD, HF_PADDED, HF_PER_SAMPLE, MMFUSE, MMFUSE_RECOMPUTE,  # noqa: E402
                                       MODES, SCHEMA, WITH_ADAMW)
 from mmfuse.models.common.recompute import RecomputeConfig  # noqa: E402
@@ -317,6 +319,7 @@ def measure_memory(provider: str, size: str, weights_dir: Path, seed: int, quick
     cfg = Qwen2_5_VLConfig.preset(size)
     model = load_model(provider, weights_dir)
     batch = build_batch(cfg, QUICK_LAYOUT if quick else LAYOUTS[size], seed)
+    page_in(model)
     gc.collect()
     rss = PeakRss()
     built_maxrss = PeakRss.maxrss()
