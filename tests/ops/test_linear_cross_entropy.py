@@ -91,6 +91,21 @@ def test_linear_cross_entropy_every_simd_flavour(isa, dtype):
             _check_lce(h, w, _labels(37, 2051), reduction, chunk_size=8)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_gemms_widened_or_not_match_fp64_reference(native, monkeypatch):
+    """A CPU without bf16 GEMM instructions runs the chunk GEMMs in fp32 (widened weight); one with
+    them in bf16. Whichever this machine is, both paths are checked."""
+    import importlib
+
+    # the module, not the op the package re-exports under the same name
+    lce_module = importlib.import_module("mmfuse.ops.linear_cross_entropy")
+    monkeypatch.setattr(lce_module, "_native_half_gemm", lambda dtype: native)
+    torch.manual_seed(3)
+    h, w = _inputs(127, 64, 1000, torch.bfloat16)
+    for reduction in REDUCTIONS:
+        _check_lce(h, w, _labels(127, 1000), reduction, chunk_size=50)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_batch_gives_zero_loss_and_gradients(device):
     h, w, y = on(device, torch.randn(5, 8), torch.randn(11, 8), torch.full((5,), -100))

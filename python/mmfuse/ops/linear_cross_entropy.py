@@ -83,7 +83,18 @@ def _cpu_kernels(hidden: torch.Tensor, use_cpp: bool) -> ChunkKernels:
         else:
             dw.addmm_(lg.t(), h_c)
 
-    return ChunkKernels(md, empty, default_chunk_size, ce_rows, accumulate_dweight)
+    return ChunkKernels(md, empty, default_chunk_size, ce_rows, accumulate_dweight,
+                        gemm_dtype=md if dev.type == "cpu" and not _native_half_gemm(hidden.dtype) else None)
+
+
+def _native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices in hardware (oneDNN's bf16/fp16 paths: AVX-512
+    BF16 / AMX, AVX-512 FP16); fp32 and fp64 count as native."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 def _sweep(backend: str, hidden, weight, labels, ignore_index, chunk_size, **kw):
