@@ -52,9 +52,10 @@ def shard_rows(x_TD: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
 
 
 def local_vision_inputs(ctx, cp: int, rank: int):
-    """VisionInputs with the per-row rotary cos/sin cut to this rank's rows."""
+    """VisionInputs with the per-row rotary cos/sin cut to this rank's rows. Copies, not views: the
+    blocks keep them for backward, and a view would keep the whole tables alive."""
     rows = local_rows(ctx.cos.shape[0], cp, rank)
-    return dataclasses.replace(ctx, cos=ctx.cos[rows], sin=ctx.sin[rows])
+    return dataclasses.replace(ctx, cos=ctx.cos[rows].clone(), sin=ctx.sin[rows].clone())
 
 
 def gather_rows(x_TD: torch.Tensor, cp_group) -> torch.Tensor:
