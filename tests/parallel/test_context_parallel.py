@@ -180,6 +180,66 @@ def test_cp2_vision_blocks_see_half_the_patch_rows(cp2_runs):
         assert r["vit_rows"] == [n // 2 for n in all_rows if n]
 
 
+
+def _cp2_tp2_rank(rank, world):
+    """cp 2 · tp 2 with sequence parallel, chained as the training engine chains them; a vision tower of
+    4 heads so each of the 4 ranks' vision attention gets one."""
+    import copy
+
+    from mmfuse.models.qwen2_5_vl.parallelize import apply_tensor_parallel
+    from mmfuse.parallel.state import build_state
+    from mmfuse.parallel.tensor_parallel import full_grads, sync_sequence_parallel_grads
+
+    layout = ParallelLayout(tp=2, cp=2)
+    cfg = Qwen2_5_VLConfig.preset("tiny")
+    cfg.vision.num_heads = 4
+    layout.validate(world, cfg)
+    state = build_state(layout, rank, world)
+    torch.manual_seed(0)
+    model = Qwen2_5_VL(cfg)
+    spec = stage_specs([2], [2])[0]
+    batches = micro_batches(cfg, 3)
+    ref_losses = []
+    for b in batches:
+        out = stage_forward(model, spec, b, None)
+        out.loss_sum.backward()
+        ref_losses.append(out.loss_sum.detach())
+    want = _grads(model)
+    par = copy.deepcopy(model)
+    par.zero_grad(set_to_none=True)
+    apply_context_parallel(apply_tensor_parallel(par, state.tp_group, True), state.cp_group, "ring")
+    tf = ChainTransforms([ContextParallelTransforms(state.cp_group, "ring"),
+                          SequenceParallelTransforms(state.tp_group, cp_size=2)])
+    losses, vit_rows = [], []
+    hook = par.visual.blocks[0].norm1.register_forward_hook(lambda m, i, o: vit_rows.append(i[0].shape[0]))
+    for b in batches:
+        out = stage_forward(par, spec, b, None, tf)
+        out.loss_sum.backward()
+        loss = out.loss_sum.detach().clone()
+        dist.all_reduce(loss, group=state.cp_group)        # each CP rank's loss covers its own tokens
+        losses.append(loss)
+    hook.remove()
+    sync_sequence_parallel_grads(par, state.tp_group)
+    for p in par.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=state.cp_group)  # the dp·cp reduction, here cp only
+    got = full_grads(par, state.tp_group)
+    all_rows = [sum(b[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if b.get(k) is not None)
+                for b in batches]
+    return {"losses": losses, "ref_losses": ref_losses, "vit_rows": vit_rows,
+            "all_rows": [n for n in all_rows if n], "names": sorted(got) == sorted(want),
+            "grad errors": {n: float((got[n] - want[n]).abs().max()) for n in want}}
+
+
+def test_cp2_tp2_sequence_parallel_loss_and_gradients_equal_one_process():
+    for r in run_ranks(4, _cp2_tp2_rank, timeout_s=120.0):
+        for got, want in zip(r["losses"], r["ref_losses"]):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert r["names"]
+        bad = {n: e for n, e in r["grad errors"].items() if e > 1e-4}
+        assert not bad, bad
+        assert r["vit_rows"] == [n // 4 for n in r["all_rows"]]     # a quarter: cp, then tp
+
 def test_unknown_cp_kind_is_rejected():
     with pytest.raises(ValueError, match="ring, ulysses"):
         ContextParallelTransforms(None, "allgather")
