@@ -124,15 +124,18 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _model_rank(rank, world, kind, n_batches):
+def _model_rank(rank, world, kind, n_batches, vit=(2,), llm=(2,)):
+    """Stages (vit, llm layers per stage) run one after the other on each rank, as a pipeline would."""
     group = dist.group.WORLD
     model = apply_context_parallel(tiny_model(), group, kind)
     tf = ContextParallelTransforms(group, kind)
-    spec = stage_specs([2], [2])[0]
+    specs = stage_specs(list(vit), list(llm))
     losses, counts, vit_rows = [], [], []
     hook = model.visual.blocks[0].norm1.register_forward_hook(lambda m, i, o: vit_rows.append(i[0].shape[0]))
     for b in micro_batches(model.cfg, n_batches):
-        out = stage_forward(model, spec, b, None, tf)
+        out = None
+        for spec in specs:
+            out = stage_forward(model, spec, b, out, tf)
         (out.loss_sum * 0.5).backward()
         losses.append(out.loss_sum.detach())
         counts.append(out.num_label_tokens)
@@ -143,10 +146,13 @@ def _model_rank(rank, world, kind, n_batches):
     return {"losses": losses, "counts": counts, "grads": grads, "vit_rows": vit_rows}
 
 
-@pytest.fixture(scope="module", params=["ring", "ulysses"])
+@pytest.fixture(scope="module", params=["ring", "ulysses", "ring, ViT over two stages"])
 def cp2_runs(request):
-    """Both cp kinds on two ranks, three micro-batches with images and a video."""
-    return request.param, run_ranks(2, _model_rank, request.param, 3)
+    """Both cp kinds on two ranks, three micro-batches with images and a video; and the ViT blocks
+    split over two pipeline stages, so this rank's rows pass from one stage to the next."""
+    kind = request.param.split(",")[0]
+    split = ((1, 1), (0, 2)) if "stages" in request.param else ((2,), (2,))
+    return kind, run_ranks(2, _model_rank, kind, 3, *split)
 
 
 def test_cp2_qwen2_5_vl_loss_and_gradients_equal_one_process(cp2_runs):
