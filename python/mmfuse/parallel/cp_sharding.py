@@ -92,8 +92,9 @@ def _continue_positions(piece: torch.Tensor, n: int) -> torch.Tensor:
 class ContextParallelTransforms:
     """pad_batch / local_inputs / shard_hidden / gather_for_head (models/<family>/pipeline.py's hook)
     for zigzag context parallelism, and pad_vision / shard_vision / local_vision_inputs /
-    gather_vision for the vision tower's contiguous row shards (cp_vision.py). The loss each rank computes covers its own tokens: the caller
-    sums loss_sum (and num_label_tokens) over CP ranks, and gradients over the dp·cp group.
+    gather_vision for the vision tower's contiguous row shards (cp_vision.py). The loss each rank
+    computes covers its own tokens: the caller sums loss_sum (and num_label_tokens) over CP ranks,
+    and gradients over the dp·cp group.
 
     Composable with sequence parallel after it: SP may append a sample whose length is a multiple of
     2·cp; local_inputs accepts any sample lengths that are multiples of 2·cp."""
