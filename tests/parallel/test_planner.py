@@ -186,6 +186,21 @@ def test_communication_volumes():
     assert [s.comm_bytes["pp"] for s in pp.stages] == [8 * hidden, 8 * hidden]
 
 
+
+def test_cp_halves_the_vit_blocks_and_sends_their_all_to_alls():
+    """CP splits the ViT blocks' rows: their activations and FLOPs halve at cp 2, and each block adds
+    four all-to-alls of half its local q/k/v/out rows each way, plus the gather before the merger."""
+    cfg = Qwen2_5_VLConfig.preset("7b")
+    vit = VirtualStage(cfg.vision.depth, 0, True, True, False, False, "merged")
+    blocks = VirtualStage(cfg.vision.depth, 0, False, False, False, False, "vit")
+    one, two = (Costs(cfg, ParallelLayout(cp=cp), cp, 4096, 1024, "none", "none", (), Hardware()) for cp in (1, 2))
+    assert two.vit_block_bytes()[0] == one.vit_block_bytes()[0] // 2
+    assert two.stage_flops(blocks) == pytest.approx(one.stage_flops(blocks) / 2, rel=1e-9)
+    assert two.boundary_bytes("vit") == one.boundary_bytes("vit") // 2
+    rows = 2 * 2048 * cfg.vision.hidden_size                       # bf16 [P/cp, D] of one rank
+    assert two.cp_vision_bytes(vit) == cfg.vision.depth * 4 * rows // 2 * 2 + rows * 2
+    assert two.cp_bytes(vit) == two.cp_vision_bytes(vit) and one.cp_vision_bytes(vit) == 0
+
 def test_groups_that_cross_nodes():
     cfg = Qwen2_5_VLConfig.preset("72b")
     r = plan(cfg, ParallelLayout(tp=8, pp=2), 32)

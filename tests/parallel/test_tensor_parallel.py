@@ -14,11 +14,11 @@ from mmfuse.models.qwen2_5_vl.parallelize import apply_tensor_parallel, check_di
 from mmfuse.models.qwen2_5_vl.pipeline import _Absent, keep_only, stage_forward, stage_specs
 from mmfuse.parallel import ParallelLayout
 from mmfuse.parallel.collectives import gather_sequence
-from mmfuse.parallel.sequence_parallel import (SequenceParallelTransforms, pad_with_sample, padded_length,
-                                               vision_padding)
+from mmfuse.parallel.sequence_parallel import SequenceParallelTransforms, pad_with_sample, padded_length
 from mmfuse.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                              full_grads, full_state_dict, load_full_state_dict,
                                              sync_sequence_parallel_grads)
+from mmfuse.parallel.vision_padding import vision_padding
 from mmfuse.parallel.vocab_parallel_loss import VocabParallelLinearCrossEntropy
 from tests.parallel.batches import micro_batches, tiny_model
 from tests.parallel.spawn import run_ranks

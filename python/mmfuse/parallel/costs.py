@@ -27,8 +27,9 @@ Pure arithmetic on the model config; `planner.py` assembles it into per-stage me
     selective      drops the softmax statistics only (the fused kernel already keeps no T² tensor)
     full           2·T·H/s per layer (its input) + one layer's activations while it is recomputed
   With SP, column-parallel linears keep their input sharded and all-gather it again in backward.
-  T = seq_length / cp tokens per rank; the vision tower is not split by CP (P patches on every rank);
-  with SP its blocks hold P/t patches between their TP regions and send P/t to the next stage.
+  T = seq_length / cp tokens per rank. The ViT blocks run on P/cp patches per CP rank (in the
+  formula above P stands for P/cp; the patch embedding and the merger run whole, on P); with SP
+  they hold P/(cp·t) patches between their TP regions and send that many to the next stage.
 - Communication counts bytes one rank sends (ring algorithms: all-gather/reduce-scatter (n−1)/n of the
   full tensor, all-reduce 2(n−1)/n).
 """
@@ -134,6 +135,7 @@ class Costs:
         self.T = -(-seq_length // layout.cp)               # decoder tokens on one rank
         self.G = image_tokens                              # merged vision tokens (LLM image tokens)
         self.P = image_tokens * v.spatial_merge_size ** 2  # ViT patches
+        self.Pb = -(-self.P // layout.cp)                  # patches in the ViT blocks of one rank (CP splits rows)
         self.rc_text, self.rc_vision = rc_text, rc_vision
         self.trainable = {g: g not in frozen for g in GROUPS}
         # Backward runs through a module if it or anything before it trains (vision → projector → decoder).
@@ -168,7 +170,7 @@ class Costs:
     def vit_block_bytes(self) -> tuple[int, int]:
         if not self.bwd_vit:
             return 0, 0
-        v, P, tp = self.cfg.vision, self.P, self.tp
+        v, P, tp = self.cfg.vision, self.Pb, self.tp
         s = tp if self.sp else 1
         D, I = v.hidden_size, v.intermediate_size
         lse = 4 * P * v.num_heads // tp
@@ -190,7 +192,7 @@ class Costs:
         if st.patch_embed and self.bwd_vit:
             keep += 2 * self.P * v.patch_dim
         if st.vit and self.bwd_vit:
-            keep += 4 * self.P * v.head_dim                        # rotary cos/sin tables (fp32)
+            keep += 4 * self.Pb * v.head_dim                       # rotary cos/sin tables (fp32), this rank's rows
         if st.merger and self.bwd_merger:
             keep += 2 * self.P * v.hidden_size * 2 + 2 * self.P * v.hidden_size * 2 // self.tp
         if st.llm:
@@ -231,8 +233,8 @@ class Costs:
             frame = min(self.P, FRAME_PATCHES_MAX)
             window = (v.window_size // v.patch_size) ** 2
             attn_fwd = 4 * v.hidden_size * self.P * (full_blocks * frame + (v.depth - full_blocks) * min(window, frame))
-            attn_fwd /= v.depth
-            block = self.units["vit_block"][0] * 2 * self.P
+            attn_fwd /= v.depth * self.cp                    # CP: every row of heads/cp heads
+            block = self.units["vit_block"][0] * 2 * self.Pb
             f += st.vit * (block * mult + attn_fwd / tp * (3 if self.bwd_vit else 1))
             if st.patch_embed:
                 f += 2 * self.units["patch_embed"][0] * self.P * mult
@@ -271,6 +273,7 @@ class Costs:
         share = (self.tp - 1) / self.tp
         S_t = 2 * self.T * t.hidden_size                 # one full hidden tensor of the decoder
         S_v = 2 * self.P * v.hidden_size
+        S_vb = 2 * self.Pb * v.hidden_size               # the rows of one CP rank's ViT blocks
         b = 0.0
         if st.llm:
             fwd = 4 * S_t * share                        # SP: 2 all-gathers + 2 reduce-scatters; else 2 all-reduces
@@ -279,8 +282,8 @@ class Costs:
                 fwd *= 2
             b += st.llm * (fwd + bwd)
         if st.vit:
-            fwd = 4 * S_v * share                        # as the decoder's: SP all-gathers/reduce-scatters
-            bwd = (6 if self.sp else 4) * S_v * share if self.bwd_vit else 0
+            fwd = 4 * S_vb * share                       # as the decoder's: SP all-gathers/reduce-scatters
+            bwd = (6 if self.sp else 4) * S_vb * share if self.bwd_vit else 0
             if self.rc_vision == "full" and self.bwd_vit:
                 fwd *= 2
             b += st.vit * (fwd + bwd)
@@ -289,7 +292,7 @@ class Costs:
             if self.bwd_vit:
                 b += 2 * S_v * share
             if self.sp:
-                b += S_v * share                         # all-gather of the patches (its backward slices)
+                b += S_vb * share                        # all-gather of the patches (its backward slices)
         if st.embed:   # vocab-parallel lookup: reduce-scatter (SP) or all-reduce; the gradient is gathered back
             b += S_t * share if self.sp else 2 * S_t * share
             b += S_t * share if self.sp and self.trainable["text_decoder"] else 0
@@ -299,6 +302,9 @@ class Costs:
         return int(b)
 
     def cp_bytes(self, st: VirtualStage) -> int:
+        return self.cp_text_bytes(st) + self.cp_vision_bytes(st)
+
+    def cp_text_bytes(self, st: VirtualStage) -> int:
         if self.cp == 1 or not st.llm:
             return 0
         t, T, tp, cp = self.cfg.text, self.T, self.tp, self.cp
@@ -312,6 +318,23 @@ class Costs:
             per_layer = (cp - 1) / cp * local * (passes + (1 if self.bwd_text else 0))
         return int(st.llm * per_layer)
 
+    def cp_vision_bytes(self, st: VirtualStage) -> int:
+        """The ViT blocks' Ulysses all-to-alls (both cp kinds) and the all-gather of the rows before
+        the merger (its backward a reduce-scatter); none of it hides behind compute."""
+        if self.cp == 1:
+            return 0
+        share = (self.cp - 1) / self.cp
+        D = self.cfg.vision.hidden_size
+        b = 0.0
+        if st.vit:
+            local = 2 * self.Pb * D // self.tp           # one of q, k, v, out on this rank (bf16)
+            passes = 2 if self.rc_vision == "full" and self.bwd_vit else 1
+            b += st.vit * 4 * share * local * (passes + (1 if self.bwd_vit else 0))
+        if st.merger:
+            rows = 2 * self.Pb * D // (self.tp if self.sp else 1)      # what each rank contributes
+            b += (self.cp - 1) * rows * (2 if self.bwd_vit else 1)
+        return int(b)
+
     def boundary_bytes(self, kind: str) -> int:
         t, v = self.cfg.text, self.cfg.vision
         if kind == "hidden":
@@ -319,7 +342,7 @@ class Costs:
         if kind == "merged":
             return 2 * self.G * v.out_hidden_size
         if kind == "vit":
-            return 2 * self.P * v.hidden_size // (self.tp if self.sp else 1)
+            return 2 * self.Pb * v.hidden_size // (self.tp if self.sp else 1)
         return 0
 
     def boundary_has_grad(self, kind: str) -> bool:

@@ -3,8 +3,9 @@
 Each sample of length L (padded to a multiple of 2·cp) is cut into 2·cp chunks of L/(2cp) tokens;
 rank r keeps chunks r and 2cp-1-r, in that order. Under a causal mask an early chunk attends to few
 keys and a late one to many, so pairing chunk r with its mirror gives every rank the same work
-(Megatron's and MindSpeed's load-balanced CP). Only the text decoder is sharded: the vision tower
-runs whole on every CP rank, and each rank places the vision features that land on its tokens.
+(Megatron's and MindSpeed's load-balanced CP). The vision tower's patch rows are split too, in
+contiguous shards (cp_vision.py); the merged features are gathered whole on every rank, and each
+rank places those that land on its tokens.
 
 Padding is exact: pads go at the end of each sample, causal attention never lets a real token see a
 later one, and the pads' labels are ignore_index, so the loss and every gradient are unchanged.
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 
+from mmfuse.parallel import cp_vision
 from mmfuse.parallel.collectives import group_rank, group_size
 from mmfuse.parallel.layout import CP_KINDS
+from mmfuse.parallel.vision_padding import pad_with_image
 
 PAD_TOKEN_ID = 0
 IGNORE_INDEX = -100
@@ -88,8 +91,10 @@ def _continue_positions(piece: torch.Tensor, n: int) -> torch.Tensor:
 
 class ContextParallelTransforms:
     """pad_batch / local_inputs / shard_hidden / gather_for_head (models/<family>/pipeline.py's hook)
-    for zigzag context parallelism. The loss each rank computes covers its own tokens: the caller
-    sums loss_sum (and num_label_tokens) over CP ranks, and gradients over the dp·cp group.
+    for zigzag context parallelism, and pad_vision / shard_vision / local_vision_inputs /
+    gather_vision for the vision tower's contiguous row shards (cp_vision.py). The loss each rank
+    computes covers its own tokens: the caller sums loss_sum (and num_label_tokens) over CP ranks,
+    and gradients over the dp·cp group.
 
     Composable with sequence parallel after it: SP may append a sample whose length is a multiple of
     2·cp; local_inputs accepts any sample lengths that are multiples of 2·cp."""
@@ -143,13 +148,16 @@ class ContextParallelTransforms:
         """Identity: the loss is computed on local tokens (the caller sums it over CP ranks)."""
         return hidden_TD
 
-    # The vision tower is not split over CP: every CP rank encodes the micro-batch's images whole
-    # (their tokens are split after the embedding, with the text's).
     def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int):
-        return pixels_TP, grid_thw
+        """Rows padded (one all-zero image) to whole merge groups that split evenly over cp; sequence
+        parallel after this pads again for cp·tp if it must."""
+        return pad_with_image(pixels_TP, grid_thw, merge, self.cp)
 
     def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return x_TD
+        return cp_vision.shard_rows(x_TD, self.cp, self.rank)
+
+    def local_vision_inputs(self, ctx):
+        return cp_vision.local_vision_inputs(ctx, self.cp, self.rank)
 
     def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return x_TD
+        return cp_vision.gather_rows(x_TD, self.group)

@@ -79,6 +79,10 @@ class ParallelLayout:
         if self.cp > 1 and self.cp_kind == "ulysses" and (text.num_attention_heads // self.tp) % self.cp:
             raise ValueError(f"Ulysses context parallelism splits attention heads: cp = {self.cp} must divide the "
                              f"query heads per tensor-parallel rank ({text.num_attention_heads // self.tp})")
+        if self.cp > 1 and (vision.num_heads // self.tp) % self.cp:
+            raise ValueError(f"context parallelism splits the vision attention's heads (an all-to-all, for both "
+                             f"cp kinds): cp = {self.cp} must divide the vision heads per tensor-parallel rank "
+                             f"({vision.num_heads // self.tp})")
         self.stage_layers(cfg)
 
     def stage_layers(self, cfg: Any) -> tuple[list[int], list[int]]:

@@ -226,12 +226,13 @@ def _stage_plan(c: Costs, r: int, chunks: list[VirtualStage], vstage_ids: list[i
 
     bw = lambda kind: (hw.inter_node_gbs if c.spans[kind] else hw.intra_node_gbs) * 1e9  # noqa: E731
     seconds = {"tp": comm["tp"] / bw("tp"), "pp": comm["pp"] / bw("pp"), "cp": 0.0, "dp": 0.0}
-    cp_s = comm["cp"] / bw("cp")
+    vision_s = m * sum(c.cp_vision_bytes(st) for st in chunks) / bw("cp")    # all-to-alls: exposed
+    text_s = comm["cp"] / bw("cp") - vision_s
     if layout.cp_kind == "ulysses":
-        seconds["cp"] = cp_s
+        seconds["cp"] = vision_s + text_s
     else:   # K/V of the next block travel while the current block is computed
         attn = m * c.decoder_attention_flops(sum(st.llm for st in chunks))
-        seconds["cp"] = max(0.0, cp_s - attn / c.flops_per_s)
+        seconds["cp"] = vision_s + max(0.0, text_s - attn / c.flops_per_s)
     dp_s = comm["dp"] / bw("dp_cp")
     if layout.zero1:
         gather_s = 2 * trainable * share / bw("dp_cp")                     # after the step: exposed
@@ -368,7 +369,7 @@ def format_plan(r: PlanReport) -> str:
     rows = [
         ("tp", "tp", "all-gather/reduce-scatter (SP) or all-reduce around each block" if lay.tp > 1 else "—"),
         ("cp", "cp", ("K/V blocks around the ring" if lay.cp_kind == "ring" else "all-to-all over heads")
-         if lay.cp > 1 else "—"),
+         + " (ViT: all-to-all over heads, rows gathered before the merger)" if lay.cp > 1 else "—"),
         ("pp", "pp", "activations forward, gradients backward" if lay.pp > 1 else "—"),
         ("dp", "dp_cp", ("reduce-scatter fp32 gradients + all-gather bf16 weights" if lay.zero1
                          else "all-reduce fp32 gradients") + f" over dp·cp = {r.dp * lay.cp}"),

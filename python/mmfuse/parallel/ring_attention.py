@@ -1,6 +1,6 @@
 """Ring attention over zigzag-sharded packed samples (cp_sharding.py): each rank keeps its queries
 and passes its keys/values around the ring; partial results are combined by their LSE
-(ops.attention_merge). Only the text decoder uses it: the vision tower runs whole on every CP rank.
+(ops.attention_merge). Only the text decoder uses it: the vision blocks use an all-to-all (cp_vision.py).
 
 Step s (0 ≤ s < cp) on rank r works on the K/V of rank j = (r - s) mod cp. With rank r holding
 chunks r and 2cp-1-r of every sample (chunk size c = L/(2cp)):

@@ -9,12 +9,14 @@ the tensor-parallel regions of the decoder (norms, residuals) each TP rank holds
 and the same for the vision tower, whose window-ordered patch stream is split between the blocks'
 TP regions (norms, residuals, MLP input) the same way:
 
-  pad_vision       append one all-zero image so the patch rows split evenly over tp (its merged
-                   tokens are dropped after the merger; attention never crosses images, so the real
-                   images' outputs and gradients are those without it)
+  pad_vision       append one all-zero image so the patch rows split evenly over cp·tp (context
+                   parallel shards the rows first; vision_padding.py: its merged tokens are dropped
+                   after the merger, and the real images' outputs and gradients are those without it)
+  local_vision_inputs  identity: the vision attention runs inside the TP region, on every row
   shard_vision     this rank's T/tp slice of the patch embeddings
   gather_vision    all-gather before the merger, which runs whole on every rank (backward keeps this
-                   rank's slice: the merger's gradient is already complete on every rank)
+                   rank's slice: every TP rank computes the same loss, so the merger's input gradient
+                   is already complete on every rank)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from mmfuse.parallel.collectives import gather_from_group, gather_sequence, group_size, scatter_to_group
+from mmfuse.parallel.vision_padding import pad_with_image
 
 
 def padded_length(t: int, tp: int, cp: int = 1) -> int:
@@ -86,14 +89,12 @@ class SequenceParallelTransforms:
 
     def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = pixels_TP.shape[0]
-        pad = vision_padding(rows, self.tp, merge)
-        if pad == 0:
-            return pixels_TP, grid_thw
-        # one image of merge x (pad / merge) patches: merge groups whole, any window layout
-        pixels_TP = torch.cat([pixels_TP, pixels_TP.new_zeros(pad, pixels_TP.shape[1])])
-        grid_thw = torch.cat([grid_thw, grid_thw.new_tensor([[1, merge, pad // merge]])])
-        return pixels_TP, grid_thw
+        # Over cp·tp: context parallel (before this in the chain) splits the rows over cp, then we
+        # split each rank's rows over tp; its own padding (to cp) may leave rows this one must add to.
+        return pad_with_image(pixels_TP, grid_thw, merge, self.tp * self.cp_size)
+
+    def local_vision_inputs(self, ctx):
+        return ctx
 
     def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
         return scatter_to_group(x_TD, self.group)
@@ -101,10 +102,3 @@ class SequenceParallelTransforms:
     def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
         return gather_from_group(x_TD, self.group)
 
-
-def vision_padding(rows: int, tp: int, merge: int) -> int:
-    """Patch rows to append so that `rows` (whole merge groups of merge² rows) splits evenly over tp.
-    A multiple of merge², so the padding image (merge x pad/merge patches) holds whole merge groups;
-    0 for tp 2 and 4 with the usual merge 2, whose streams are multiples of 4 already."""
-    unit = math.lcm(tp, merge * merge)
-    return -(-rows // unit) * unit - rows

@@ -3,8 +3,9 @@
 A stage (models/<family>/pipeline.py) calls, in order: pad_batch (once per micro-batch),
 local_inputs (positions/targets/cu_seqlens as this rank sees them), shard_hidden (right after the
 embedding) and gather_for_head (right before the loss); for the vision tower pad_vision,
-shard_vision (after the patch embedding) and gather_vision (before the merger). Chaining applies
-each transform in list order, except the gathers, which run in reverse (undo the last sharding first).
+shard_vision (after the patch embedding), local_vision_inputs (the blocks' per-row rotary tables
+for the rows the attention sees) and gather_vision (before the merger). Chaining applies each
+transform in list order, except the gathers, which run in reverse (undo the last sharding first).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class ChainTransforms:
         for t in self.transforms:
             x_TD = t.shard_vision(x_TD)
         return x_TD
+
+    def local_vision_inputs(self, ctx):
+        for t in self.transforms:
+            ctx = t.local_vision_inputs(ctx)
+        return ctx
 
     def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor:
         for t in reversed(self.transforms):

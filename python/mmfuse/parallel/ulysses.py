@@ -1,7 +1,8 @@
 """Ulysses (DeepSpeed) attention over zigzag-sharded packed samples: an all-to-all turns this
 rank's T/cp tokens of all heads into all T tokens of H/cp heads, attention runs on whole samples,
-and the inverse all-to-all brings the result back. Only the text decoder uses it: the vision tower
-runs whole on every CP rank.
+and the inverse all-to-all brings the result back. This is the text decoder's; the vision blocks
+use cp_vision.VisionUlyssesAttention for both cp kinds (contiguous row shards, no zigzag: their
+attention is non-causal, windowed and short).
 
 Shape legend: T tokens of the padded stream, H / Hk query / kv heads, d head dim.
 

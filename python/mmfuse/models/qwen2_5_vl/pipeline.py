@@ -16,7 +16,8 @@ window, so this equals two separate calls) and are split again after the merger.
 `transforms` (default: none) is where context and sequence parallelism enter: padding the batch,
 sharding tokens after the embedding and the decoder inputs to match, gathering before the head;
 for the vision tower, padding its stream (an extra all-zero image, dropped after the merger),
-sharding the patch embeddings and gathering them before the merger.
+sharding the patch embeddings, cutting the blocks' per-row inputs (rotary tables) to the rows
+their attention sees, and gathering the rows before the merger.
 With one stage and no transforms, `stage_forward` computes exactly `model(**batch)`.
 """
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from mmfuse.models.qwen2_5_vl.model import CausalLMOutput, DecoderInputs, Qwen2_5_VL
+from mmfuse.models.qwen2_5_vl.vision import VisionInputs
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Transforms(Protocol):
     def pad_vision(self, pixels_TP: torch.Tensor, grid_thw: torch.Tensor, merge: int
                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def shard_vision(self, x_TD: torch.Tensor) -> torch.Tensor: ...
+    def local_vision_inputs(self, ctx: VisionInputs) -> VisionInputs: ...
     def gather_vision(self, x_TD: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -94,6 +97,9 @@ class NoTransforms:
 
     def shard_vision(self, x_TD):
         return x_TD
+
+    def local_vision_inputs(self, ctx):
+        return ctx
 
     def gather_vision(self, x_TD):
         return x_TD
@@ -168,7 +174,8 @@ def stage_forward(model: Qwen2_5_VL, spec: StageSpec, batch: dict[str, Any], x_i
             vctx = model.visual.inputs(pixels, grid)
             if spec.patch_embed:
                 x = tf.shard_vision(model.visual.embed(pixels, vctx))
-            x = model.visual.run_blocks(x, vctx, model.visual.blocks[spec.vit_start:spec.vit_end])
+            x = model.visual.run_blocks(x, tf.local_vision_inputs(vctx),
+                                        model.visual.blocks[spec.vit_start:spec.vit_end])
             if spec.merger:
                 x = model.visual.merge(tf.gather_vision(x), vctx)[:merged_rows]   # without the padding image
         elif spec.patch_embed:
