@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import data, demo, info, plan, train
+from mmfuse.cli import data, demo, info, merge_lora, plan, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     data.add_parser(sub)
     plan.add_parser(sub)
+    merge_lora.add_parser(sub)
     return parser
 
 

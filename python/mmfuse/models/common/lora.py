@@ -125,6 +125,21 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def fold_lora(model: nn.Module) -> list[str]:
+    """Merge every adapter into its weight and put a plain nn.Linear (the same weight and bias
+    Parameters) back in its place: the model is then the base architecture with the adapted
+    weights, and saves as a base checkpoint. Returns the folded module names."""
+    names = list(lora_modules(model))
+    for name in names:
+        m = model.get_submodule(name)
+        m.merge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return names
+
+
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without adapter tensors (what a base checkpoint holds); merge first to bake
     the adapters in."""
