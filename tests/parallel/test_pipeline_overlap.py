@@ -1,32 +1,58 @@
-"""Overlapped pipeline p2p (parallel.overlap_p2p_comm): the schedules with receives posted ahead give
-bit-identical losses and parameters to the schedules that wait for every receive at once, for 1F1B
-and interleaved 1F1B, with micro-batches of different shapes (images, a video, a text-only one whose
-vision stages send an empty tensor); and the overlapped channels deliver each direction's messages in
-order however the receives of the two directions are interleaved."""
+"""Overlapped pipeline p2p (parallel.overlap_p2p_comm): the schedules with receives posted ahead, in
+both protocols (tagged: gloo's; ordered: Megatron's matched exchanges, the one NCCL/HCCL run, here
+with the shape headers on a gloo group of their own as there), give bit-identical losses and
+parameters to the schedules that wait for every receive at once, for 1F1B and interleaved 1F1B, with
+micro-batches of different shapes (images, a video, a text-only one whose vision stages send an empty
+tensor); the ordered overlapped interleaved schedule on four stages trains like one process; and the
+tagged channels deliver each direction's messages in order however the receives of the two
+directions are interleaved."""
 
 import pytest
 import torch
 
-from mmfuse.parallel import ParallelLayout
+from mmfuse.parallel import ParallelLayout, ParallelState
 from mmfuse.parallel.p2p import PipelineP2P
 from mmfuse.parallel.state import build_state
 from tests.parallel.spawn import run_ranks
-from tests.parallel.test_pipeline_parallel import PP2_SCHEDULES, train_rank
+from tests.parallel.test_pipeline_parallel import PP2_SCHEDULES, reference, train_rank
+from tests.parallel.test_pipeline_parallel import STEPS as REFERENCE_STEPS
 
 STEPS = 2
 
 
 @pytest.mark.parametrize("layout_kw,n_micro", PP2_SCHEDULES)
-def test_overlapped_schedule_is_bit_identical_to_the_blocking_one(layout_kw, n_micro):
+def test_overlapped_schedules_are_bit_identical_to_the_blocking_one(layout_kw, n_micro):
     pp = layout_kw["pp"]
-    overlapped = run_ranks(pp, train_rank, layout_kw, n_micro, True, STEPS, timeout_s=30)
     blocking = run_ranks(pp, train_rank, layout_kw, n_micro, False, STEPS, timeout_s=30)
-    assert overlapped[-1]["losses"][0][1] > 0
-    for got, want in zip(overlapped, blocking):
-        assert got["losses"] == want["losses"]
-        assert got["params"].keys() == want["params"].keys()
-        for name, p in got["params"].items():
-            assert torch.equal(p, want["params"][name]), name
+    assert blocking[-1]["losses"][0][1] > 0
+    for protocol in ("tagged", "ordered"):
+        overlapped = run_ranks(pp, train_rank, layout_kw, n_micro, True, STEPS, protocol, timeout_s=30)
+        for got, want in zip(overlapped, blocking):
+            assert got["losses"] == want["losses"], protocol
+            assert got["params"].keys() == want["params"].keys()
+            for name, p in got["params"].items():
+                assert torch.equal(p, want["params"][name]), (protocol, name)
+
+
+def test_ordered_overlapped_interleaved_schedule_on_four_stages_trains_like_one_process():
+    # Four stages: previous and next are different ranks, and the wrapped chunk hand-over (rank 3 ->
+    # rank 0) meets the warm-up of ranks that start their steady state at different iterations.
+    layout_kw = dict(pp=4, vpp=2, vit_pp_layers=[1, 1, 1, 1, 0, 0, 0, 0], llm_pp_layers=[0, 0, 0, 0, 1, 1, 1, 1])
+    ranks = run_ranks(4, train_rank, layout_kw, 8, True, REFERENCE_STEPS, "ordered", timeout_s=60)
+    want = reference(8)
+    assert len(ranks[-1]["losses"]) == len(want["losses"])
+    for (got_loss, got_tokens), (want_loss, want_tokens) in zip(ranks[-1]["losses"], want["losses"]):
+        assert got_tokens == want_tokens
+        assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    for r in ranks:
+        for name, p in r["params"].items():
+            torch.testing.assert_close(p, want["params"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unknown_p2p_protocol_is_refused_before_any_work():
+    from mmfuse.parallel.pipeline_schedule import forward_backward
+    with pytest.raises(ValueError, match="'auto', 'tagged' or 'ordered', got 'fifo'"):
+        forward_backward([], [], ParallelState.single(), 1.0, p2p_protocol="fifo")
 
 
 def _channels_rank(rank, world_size):

@@ -45,7 +45,8 @@ def step_batches(cfg, step: int, n: int) -> list[dict]:
     return batches
 
 
-def train(model, state, layout, n_micro: int, overlap_p2p: bool = True, steps: int = STEPS) -> dict:
+def train(model, state, layout, n_micro: int, overlap_p2p: bool = True, steps: int = STEPS,
+          p2p_protocol: str = "auto") -> dict:
     chunks = build_pipeline_chunks(model, layout, state)
     opt = optimizer(model)
     losses = []
@@ -53,7 +54,7 @@ def train(model, state, layout, n_micro: int, overlap_p2p: bool = True, steps: i
         batches = step_batches(model.cfg, step, n_micro)
         opt.zero_grad()
         loss, tokens = forward_backward(chunks, batches, state, 1.0 / sum(label_tokens(b) for b in batches),
-                                        overlap_p2p=overlap_p2p)
+                                        overlap_p2p=overlap_p2p, p2p_protocol=p2p_protocol)
         sync_tied_embedding_grads(model, state)
         opt.step()
         losses.append((loss, tokens))
@@ -79,11 +80,14 @@ def reference(n_micro: int) -> dict:
     return {"losses": losses, "params": {n: p.detach() for n, p in model.named_parameters()}}
 
 
-def train_rank(rank, world_size, layout_kw, n_micro, overlap_p2p: bool = True, steps: int = STEPS):
+def train_rank(rank, world_size, layout_kw, n_micro, overlap_p2p: bool = True, steps: int = STEPS,
+               p2p_protocol: str = "auto"):
+    """p2p_protocol 'ordered' also gives the shape headers a gloo group of their own, as on NCCL."""
     layout = ParallelLayout(timeout_s=30, **layout_kw)
     model = deeper_tiny_model()
     layout.validate(world_size, model.cfg)
-    return train(model, build_state(layout, rank, world_size), layout, n_micro, overlap_p2p, steps)
+    state = build_state(layout, rank, world_size, own_meta_group=p2p_protocol == "ordered")
+    return train(model, state, layout, n_micro, overlap_p2p, steps, p2p_protocol)
 
 
 # (layout, micro-batches) on two ranks: 1F1B, interleaved with vision-only stages, interleaved all-warm-up

@@ -27,7 +27,7 @@ class ParallelLayout:
     llm_pp_layers: list[int] = field(default_factory=list)  # decoder layers per virtual stage (pp·vpp entries; [] = even)
     zero1: bool = False              # shard optimizer state over data-parallel ranks (distributed optimizer)
     overlap_grad_reduce: bool = True  # reduce gradient buckets during backward
-    overlap_p2p_comm: bool = True    # pp > 1: post pipeline receives ahead of their use (gloo; same results)
+    overlap_p2p_comm: bool = True    # pp > 1: post pipeline receives ahead of their use (same results)
     bucket_mb: float = 25.0          # gradient bucket size for the data-parallel reduction
     timeout_s: float = 600.0         # collective timeout: a failed or stuck rank ends the run after this
 

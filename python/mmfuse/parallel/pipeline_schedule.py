@@ -12,11 +12,17 @@ Megatron's, call for call: that sequence is what keeps the sends and receives of
 the same order on both sides (p2p.py). A stage is `stage_forward` of models/qwen2_5_vl/pipeline.py;
 what passes between stages changes shape per micro-batch, so shapes travel with the tensors.
 
-With overlap_p2p (Megatron's overlap_p2p_comm; gloo), the same compute runs in the same order, but
-each result is sent as soon as it exists and each input or output gradient is received on a handle
-posted before the compute ahead of its use, then waited for only when its forward or backward
-starts. The compute and its inputs are the same, so the results are bit-identical to the
-non-overlapped schedule (tests/parallel/test_pipeline_overlap.py).
+With overlap_p2p (Megatron's overlap_p2p_comm) the same compute runs in the same order; only where
+the waits fall changes, so the results are bit-identical to the non-overlapped schedule
+(tests/parallel/test_pipeline_overlap.py):
+
+  tagged protocol (gloo)   each result is sent as soon as it exists and each input or output
+                           gradient is received on a handle posted before the compute ahead of its
+                           use, then waited for only when its forward or backward starts (1F1B and
+                           interleaved)
+  ordered protocol (any)   Megatron's overlapped interleaved schedule: a forward's exchange is posted
+                           before the backward that follows it, and the backward's before the next
+                           forward; 1F1B runs its exchanges waited at once, as Megatron does
 """
 
 from __future__ import annotations
@@ -49,13 +55,17 @@ def build_pipeline_chunks(model: torch.nn.Module, layout: ParallelLayout, state:
 def forward_backward(chunks: list[Chunk], micro_batches: list[dict[str, Any]], state: ParallelState,
                      loss_scale: float, transforms: Any = None,
                      grad_sync: Callable[[bool], ContextManager] | None = None,
-                     overlap_p2p: bool = True) -> tuple[float, int]:
+                     overlap_p2p: bool = True, p2p_protocol: str = "auto") -> tuple[float, int]:
     """Forward and backward of all micro-batches of one step on this rank. The last virtual stage
     backpropagates loss_sum · loss_scale (loss_scale = 1 / label tokens of the whole step, from the
     caller). grad_sync(is_last_backward) gives the context each backward runs in (the data-parallel
     reducer's no_sync for all but the last). Returns (summed loss, label tokens) of the micro-batches
     whose loss this rank computed: zeros except on the last stage. overlap_p2p: post receives ahead
-    of their use (on gloo; other backends run the non-overlapped exchanges, see p2p.py)."""
+    of their use. p2p_protocol (p2p.py): 'tagged' (gloo only; receives posted ahead freely, 1F1B and
+    interleaved), 'ordered' (any backend; Megatron's matched exchanges, overlapped in the interleaved
+    schedule only, as Megatron does), 'auto' = tagged on gloo, ordered elsewhere."""
+    if p2p_protocol not in ("auto", "tagged", "ordered"):
+        raise ValueError(f"p2p_protocol must be 'auto', 'tagged' or 'ordered', got {p2p_protocol!r}")
     pp, vpp, n = state.pp, len(chunks), len(micro_batches)
     if vpp != state.layout.vpp:
         raise ValueError(f"{vpp} model chunks given, but the layout has vpp = {state.layout.vpp}")
@@ -71,14 +81,19 @@ def forward_backward(chunks: list[Chunk], micro_batches: list[dict[str, Any]], s
     else:
         device = micro_batches[0]["input_ids"].device
         p2p = PipelineP2P(state, device)
-        if overlap_p2p and p2p.overlap_supported():
+        if p2p_protocol == "auto":
+            p2p_protocol = "tagged" if p2p.tagged_supported() else "ordered"
+        if p2p_protocol == "tagged" and not p2p.tagged_supported():
+            raise ValueError("the tagged pipeline p2p protocol needs the gloo backend (it matches receives by "
+                             "tag); use 'ordered' or 'auto'")
+        if overlap_p2p and p2p_protocol == "tagged":
             order = _one_f_one_b_order(pp, state.pp_rank, n) if vpp == 1 else \
                 _interleaved_order(pp, state.pp_rank, vpp, n)
             _run_overlapped(stages, p2p, order, state.pp_rank == 0, state.pp_rank == pp - 1)
         elif vpp == 1:
             _one_f_one_b(stages, p2p, pp, state.pp_rank, n)
         else:
-            _interleaved(stages, p2p, pp, state.pp_rank, vpp, n)
+            _interleaved(stages, p2p, pp, state.pp_rank, vpp, n, overlap=overlap_p2p)
         p2p.wait_sends()
     return float(stages.loss_sum), stages.tokens
 
@@ -148,9 +163,15 @@ def _one_f_one_b(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, n: int) -> N
         p2p.exchange(send_prev=st.backward(0, g))
 
 
-def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n: int) -> None:
-    """Megatron's forward_backward_pipelining_with_interleaving (no p2p overlap). Iteration k of
-    either direction works on chunk chunk_id(k) and micro-batch micro_batch_id(k)."""
+def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n: int, overlap: bool) -> None:
+    """Megatron's forward_backward_pipelining_with_interleaving, with or without its overlap_p2p_comm.
+    Iteration k of either direction works on chunk chunk_id(k) and micro-batch micro_batch_id(k).
+
+    Without overlap, an iteration ends with one exchange that waits for the next iteration's inputs.
+    With it, the forward's exchange (send the output, receive the next input) is posted before the
+    backward and the backward's (send the input gradient, receive the next output gradient) before
+    the next forward; each is waited for just before the compute that uses what it receives. The
+    exchanges are posted at the same points on every rank and pair up as in Megatron (p2p.py)."""
     first, last = rank == 0, rank == pp - 1
     total, group = n * vpp, pp * vpp
 
@@ -163,12 +184,20 @@ def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n:
 
     inputs: list[list[torch.Tensor]] = [[] for _ in range(vpp)]   # received activations, per chunk
     grads: list[list[torch.Tensor]] = [[] for _ in range(vpp)]    # received output gradients, per chunk
+    in_flight = {"F": None, "B": None}                             # posted exchanges, by the compute that waits
+
+    def settle(kind: str) -> None:
+        if in_flight[kind] is not None:
+            in_flight[kind].wait()
+            in_flight[kind] = None
 
     def forward(k: int) -> torch.Tensor | None:
+        settle("F")
         c = chunk_id(k, True)
         return st.forward(c, micro_batch_id(k), None if first and c == 0 else inputs[c].pop(0))
 
     def backward(k: int) -> torch.Tensor | None:
+        settle("B")
         c = chunk_id(k, False)
         return st.backward(c, None if last and c == vpp - 1 else grads[c].pop(0))
 
@@ -184,20 +213,26 @@ def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n:
         y = forward(k)
         next_c = chunk_id(k + 1, True)
         recv_prev = not (first and next_c == 0) and k != total - 1
-        if k == warmup - 1 and not all_warmup:
+        ends_warmup = k == warmup - 1 and not all_warmup
+        if overlap:
+            in_flight["F"] = p2p.post_exchange(send_next=y, recv_prev=recv_prev)
+            x = in_flight["F"].from_prev
+            if ends_warmup:
+                in_flight["B"] = p2p.post_exchange(recv_next=not last)
+                g = in_flight["B"].from_next
+        elif ends_warmup:
             x, g = p2p.exchange(send_next=y, recv_prev=recv_prev, recv_next=not last)
-            if not last:
-                grads[vpp - 1].append(g)
         else:
             x, _ = p2p.exchange(send_next=y, recv_prev=recv_prev)
+        if ends_warmup and not last:
+            grads[vpp - 1].append(g)
         if recv_prev:
             inputs[next_c].append(x)
 
     for k in range(remaining):
         fk, bk = k + warmup, k
         y = forward(fk)
-        g_in = backward(bk)
-        recv_prev, recv_next = True, True
+        recv_prev = True
         if first:
             # The first rank runs pp − 1 iterations ahead of the last, whose output it receives.
             next_fc = chunk_id(fk - (pp - 1), True)
@@ -205,20 +240,30 @@ def _interleaved(st: _Stages, p2p: PipelineP2P, pp: int, rank: int, vpp: int, n:
             next_fc += 1
         else:
             next_fc = chunk_id(fk + 1, True)
+        if k == remaining - 1:
+            recv_prev = False
+        if overlap:
+            in_flight["F"] = p2p.post_exchange(send_next=y, recv_prev=recv_prev)
+        g_in = backward(bk)
+        recv_next = True
         if last:
             next_bc = chunk_id(bk - (pp - 1), False)
             recv_next = next_bc != 0
             next_bc -= 1
         else:
             next_bc = chunk_id(bk + 1, False)
-        if k == remaining - 1:
-            recv_prev = False
-        x, g = p2p.exchange(send_next=y, send_prev=g_in, recv_prev=recv_prev, recv_next=recv_next)
+        if overlap:
+            in_flight["B"] = p2p.post_exchange(send_prev=g_in, recv_next=recv_next)
+            x, g = in_flight["F"].from_prev, in_flight["B"].from_next
+        else:
+            x, g = p2p.exchange(send_next=y, send_prev=g_in, recv_prev=recv_prev, recv_next=recv_next)
         if recv_prev:
             inputs[next_fc].append(x)
         if recv_next:
             grads[next_bc].append(g)
 
+    settle("F")
+    settle("B")
     if all_warmup and not last:
         grads[vpp - 1].append(p2p.exchange(recv_next=True)[1])
     for k in range(remaining, total):

@@ -41,6 +41,7 @@ class ParallelState:
     pp_group: Any = None
     dp_cp_group: Any = None          # gradients are averaged over data and context parallel ranks together
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's pipeline, stage order
+    pp_meta_group: Any = None         # gloo group of the pipeline, for the shape headers of pipeline p2p
 
     @property
     def tp(self) -> int:
@@ -120,18 +121,27 @@ def init_parallel(layout: ParallelLayout, device: str = "cpu", model_cfg: Any | 
     return build_state(layout, rank, world_size)
 
 
-def build_state(layout: ParallelLayout, rank: int, world_size: int) -> ParallelState:
-    """Groups for an initialised default process group."""
+def build_state(layout: ParallelLayout, rank: int, world_size: int,
+                own_meta_group: bool | None = None) -> ParallelState:
+    """Groups for an initialised default process group. own_meta_group: give each pipeline a gloo
+    group of its own for the p2p shape headers (None: when the default backend is not gloo, so a
+    shape is read without waiting for the device; on gloo the pipeline group serves)."""
     tp_rank, cp_rank, dp_rank, pp_rank = coordinates(rank, layout, world_size)
     state = ParallelState(layout, rank, world_size, tp_rank, cp_rank, dp_rank, pp_rank)
     timeout = datetime.timedelta(seconds=layout.timeout_s)
+    if own_meta_group is None:
+        own_meta_group = dist.get_backend() != dist.Backend.GLOO
     for kind, all_ranks in group_ranks(layout, world_size).items():
         for ranks in all_ranks:
             group = dist.new_group(ranks, timeout=timeout)
+            meta = group
+            if kind == "pp" and layout.pp > 1 and own_meta_group:
+                meta = dist.new_group(ranks, timeout=timeout, backend=dist.Backend.GLOO)
             if rank in ranks:
                 setattr(state, f"{kind}_group", group)
                 if kind == "pp":
                     state.pp_ranks = tuple(ranks)
+                    state.pp_meta_group = meta
     return state
 
 
