@@ -5,8 +5,10 @@ gloo ranks (two vpp2 splits), against the compute each rank would do with no wai
                   one process with the stages chained (no communication), one thread as each rank
   ideal step      max over ranks of the summed compute of its stages (the busiest rank never waits)
   step            forward_backward + tied-embedding sync on the ranks, barrier to barrier, p50, with
-                  overlapped p2p (receives posted ahead, parallel.overlap_p2p_comm) and without it;
-                  the two alternate step by step in the same processes, so load drift hits both
+                  overlapped p2p (receives posted ahead, parallel.overlap_p2p_comm) in the tagged
+                  protocol (gloo's), in the ordered one (Megatron's matched exchanges, the one NCCL
+                  and HCCL run) and without overlap; the three alternate step by step in the same
+                  processes, so load drift hits all
   bubble          1 − ideal / step (time a rank spends waiting on the other, plus p2p overhead)
   textbook        (pp − 1) / (vpp·M + pp − 1): the bubble of equal stages and free communication
 
@@ -101,7 +103,11 @@ def stage_compute_ms(layout: ParallelLayout, n: int, reps: int) -> list[float]:
     return [common.quantile(sorted(v[1:]), 0.5) for v in samples]   # first rep: warm-up
 
 
-def _rank_steps(rank, world_size, layout_kw, n, warmup, reps) -> dict[bool, list[float]]:
+# (name, overlap_p2p, p2p_protocol) of the timed variants
+VARIANTS = (("blocking", False, "auto"), ("tagged", True, "tagged"), ("ordered", True, "ordered"))
+
+
+def _rank_steps(rank, world_size, layout_kw, n, warmup, reps) -> dict[str, list[float]]:
     torch.set_num_threads(1)
     layout = ParallelLayout(timeout_s=120, **layout_kw)
     m = model()
@@ -109,17 +115,17 @@ def _rank_steps(rank, world_size, layout_kw, n, warmup, reps) -> dict[bool, list
     chunks = build_pipeline_chunks(m, layout, state)
     bs = batches(m.cfg, n)
     scale = 1.0 / sum(label_tokens(b) for b in bs)
-    times = {False: [], True: []}
+    times = {name: [] for name, _, _ in VARIANTS}
     for i in range(warmup + reps):
-        for overlap in (False, True):
+        for name, overlap, protocol in VARIANTS:
             m.zero_grad(set_to_none=True)
             dist.barrier(group=state.pp_group)
             t0 = time.perf_counter()
-            forward_backward(chunks, bs, state, scale, overlap_p2p=overlap)
+            forward_backward(chunks, bs, state, scale, overlap_p2p=overlap, p2p_protocol=protocol)
             sync_tied_embedding_grads(m, state)
             dist.barrier(group=state.pp_group)
             if i >= warmup:
-                times[overlap].append(1e3 * (time.perf_counter() - t0))
+                times[name].append(1e3 * (time.perf_counter() - t0))
     return times
 
 
@@ -139,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         stages = stage_compute_ms(layout, n, args.reps)
         per_rank = [sum(stages[c * layout.pp + r] for c in range(layout.vpp)) for r in range(layout.pp)]
         per_rank_steps = run_ranks(layout.pp, _rank_steps, kw, n, args.warmup, args.reps, timeout_s=300)
-        per_step = [r[True] for r in per_rank_steps]
-        blocking = [max(ts) for ts in zip(*(r[False] for r in per_rank_steps))]
+        per_step = [r["tagged"] for r in per_rank_steps]
+        blocking = [max(ts) for ts in zip(*(r["blocking"] for r in per_rank_steps))]
+        ordered = [max(ts) for ts in zip(*(r["ordered"] for r in per_rank_steps))]
         step = common.quantile(sorted(max(ts) for ts in zip(*per_step)), 0.5)
         step_blocking = common.quantile(sorted(blocking), 0.5)
+        step_ordered = common.quantile(sorted(ordered), 0.5)
         ideal = max(per_rank)
         results[name] = {
             "layout": kw, "micro_batches": n,
@@ -156,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             "step_ms_all_no_overlap_p2p": [round(t, 2) for t in blocking],
             "bubble_no_overlap_p2p": round(1 - ideal / step_blocking, 3),
             "overlap_p2p_speedup": round(step_blocking / step, 3),
+            "step_ms_p50_ordered_overlap": round(step_ordered, 2),
+            "step_ms_all_ordered_overlap": [round(t, 2) for t in ordered],
+            "ordered_overlap_speedup": round(step_blocking / step_ordered, 3),
             "textbook_bubble": round((layout.pp - 1) / (layout.vpp * n + layout.pp - 1), 3),
         }
         r = results[name]
         print(f"{name}: stages {r['stage_compute_ms']} ms, ranks {r['rank_compute_ms']} ms, ideal "
               f"{r['ideal_step_ms']} ms, step p50 {r['step_ms_p50']} ms (no p2p overlap "
-              f"{r['step_ms_p50_no_overlap_p2p']} ms, x{r['overlap_p2p_speedup']}), bubble {r['bubble']:.1%} "
+              f"{r['step_ms_p50_no_overlap_p2p']} ms, x{r['overlap_p2p_speedup']}; ordered overlap "
+              f"{r['step_ms_p50_ordered_overlap']} ms, x{r['ordered_overlap_speedup']}), bubble {r['bubble']:.1%} "
               f"(no p2p overlap {r['bubble_no_overlap_p2p']:.1%}, textbook {r['textbook_bubble']:.1%})", flush=True)
     env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     commit, _ = common.git_commit()
