@@ -16,6 +16,7 @@ import torch
 from mmfuse import _core
 from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_same_device, dtype_code, num_threads, ptr
+from mmfuse.ops._eager import FusedOp
 
 MAX_HEAD_DIM = 256
 
@@ -86,7 +87,7 @@ def _shape_args(q, k, cu_q, cu_k, scale, causal, wl, wr):
             scale, causal, wl, wr, dtype_code(q), num_threads())
 
 
-@torch.library.custom_op("mmfuse::attention", mutates_args=())
+@FusedOp.define("mmfuse::attention")
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                softmax_scale: float, window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("mmfuse::attention_backward", mutates_args=())
+@FusedOp.define("mmfuse::attention_backward")
 def _attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                         cu_seqlens_k: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
@@ -160,7 +161,7 @@ def _attention_grad(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.mmfuse.attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = _attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -186,7 +187,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         raise ValueError(f"attention: window must be (left, right), got {window!r}")
     d = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 else 1
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.mmfuse.attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                           -1 if max_seqlen_q is None else int(max_seqlen_q),
                                           -1 if max_seqlen_k is None else int(max_seqlen_k),
                                           bool(causal), scale, int(window[0]), int(window[1]))

@@ -12,6 +12,7 @@ import torch
 from mmfuse import _core
 from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_same_device, dtype_code, num_threads, ptr
+from mmfuse.ops._eager import FusedOp
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -83,7 +84,7 @@ def _reference_bwd(dy, x, weight, eps, dsum):
 
 # ---- rms_norm ----------------------------------------------------------------------------------
 
-@torch.library.custom_op("mmfuse::rms_norm", mutates_args=())
+@FusedOp.define("mmfuse::rms_norm")
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check("rms_norm", x, weight)
     backend = _backend.select("rms_norm", x, weight)
@@ -100,7 +101,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
 
 
-@torch.library.custom_op("mmfuse::rms_norm_backward", mutates_args=())
+@FusedOp.define("mmfuse::rms_norm_backward")
 def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                        dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend.select("rms_norm_backward", x, weight)
@@ -124,7 +125,7 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_grad(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.mmfuse.rms_norm_backward(dy, x, weight, ctx.eps, None)
+    dx, dw = _rms_norm_backward(dy, x, weight, ctx.eps, None)
     return dx, dw, None
 
 
@@ -133,7 +134,7 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 # ---- add_rms_norm ------------------------------------------------------------------------------
 
-@torch.library.custom_op("mmfuse::add_rms_norm", mutates_args=())
+@FusedOp.define("mmfuse::add_rms_norm")
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check("add_rms_norm", x, weight, residual)
@@ -160,7 +161,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
 
 def _add_rms_norm_grad(ctx, dnormed, dsummed):
     summed, weight = ctx.saved_tensors
-    dsum, dw = torch.ops.mmfuse.rms_norm_backward(dnormed, summed, weight, ctx.eps, dsummed)
+    dsum, dw = _rms_norm_backward(dnormed, summed, weight, ctx.eps, dsummed)
     return dsum, dsum, dw, None
 
 
@@ -174,9 +175,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
     x [..., D] in fp32/bf16/fp16/fp64; weight [D] of x's dtype (or fp32 with half x, giving fp32 out).
     """
-    return torch.ops.mmfuse.rms_norm(x, weight, float(eps))
+    return _rms_norm(x, weight, float(eps))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """(rms_norm(x + residual), x + residual) in one pass: the residual stream and the next norm's input."""
-    return torch.ops.mmfuse.add_rms_norm(x, residual, weight, float(eps))
+    return _add_rms_norm(x, residual, weight, float(eps))

@@ -20,6 +20,7 @@ import torch
 from mmfuse import _core
 from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_rank, check_same_device, dtype_code, num_threads, ptr
+from mmfuse.ops._eager import FusedOp
 
 _INT_DTYPES = (torch.int32, torch.int64)
 _NO_TABLE_GRAD = ("{op}: gradients with respect to {names} are not provided; detach them "
@@ -125,7 +126,7 @@ def _rotary_cpp(x, cos, sin, interleaved, inverse):
     return y
 
 
-@torch.library.custom_op("mmfuse::rotary", mutates_args=())
+@FusedOp.define("mmfuse::rotary")
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
             inverse: bool) -> torch.Tensor:
     _check_rotary("rotary", x, cos, sin)
@@ -153,7 +154,7 @@ def _rotary_setup(ctx, inputs, output):
 
 def _rotary_grad(ctx, dy):
     cos, sin = ctx.saved_tensors
-    return torch.ops.mmfuse.rotary(dy, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
+    return _rotary(dy, cos, sin, ctx.interleaved, not ctx.inverse), None, None, None, None
 
 
 _rotary.register_autograd(_rotary_grad, setup_context=_rotary_setup)
@@ -172,7 +173,7 @@ def _mrope_cos_sin_cpp(position_ids, inv_freq, mrope_section):
     return cos, sin
 
 
-@torch.library.custom_op("mmfuse::mrope_cos_sin", mutates_args=())
+@FusedOp.define("mmfuse::mrope_cos_sin")
 def _mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
                    mrope_section: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     _check_positions("mrope_cos_sin", position_ids)
@@ -214,7 +215,7 @@ def _apply_mrope_reference(q, k, position_ids, inv_freq, mrope_section, inverse)
     return reference.rotary(q, cos, sin), reference.rotary(k, cos, sin)
 
 
-@torch.library.custom_op("mmfuse::apply_mrope", mutates_args=())
+@FusedOp.define("mmfuse::apply_mrope")
 def _apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                  mrope_section: list[int], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_mrope("apply_mrope", q, k, position_ids, inv_freq, mrope_section)
@@ -247,7 +248,7 @@ def _apply_mrope_grad(ctx, dq, dk):
         dq = position_ids.new_zeros(ctx.shapes[0], dtype=ctx.dtype)
     if dk is None:
         dk = position_ids.new_zeros(ctx.shapes[1], dtype=ctx.dtype)
-    dq_in, dk_in = torch.ops.mmfuse.apply_mrope(dq, dk, position_ids, inv_freq, ctx.mrope_section, not ctx.inverse)
+    dq_in, dk_in = _apply_mrope(dq, dk, position_ids, inv_freq, ctx.mrope_section, not ctx.inverse)
     return dq_in, dk_in, None, None, None, None
 
 
@@ -265,7 +266,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     (i, i + R) (Qwen2.5-VL text and vision); `interleaved=True` pairs (2i, 2i + 1). Channels beyond
     2R pass through. Differentiable in x only.
     """
-    return torch.ops.mmfuse.rotary(x, cos, sin, bool(interleaved), False)
+    return _rotary(x, cos, sin, bool(interleaved), False)
 
 
 def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int]):
@@ -280,7 +281,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     _check_positions("mrope_cos_sin", position_ids, batched=True)
     _check_inv_freq("mrope_cos_sin", inv_freq, sec, None)
     shape = (*position_ids.shape[1:], inv_freq.shape[0])
-    cos, sin = torch.ops.mmfuse.mrope_cos_sin(position_ids.reshape(3, -1), inv_freq, sec)
+    cos, sin = _mrope_cos_sin(position_ids.reshape(3, -1), inv_freq, sec)
     return cos.view(shape), sin.view(shape)
 
 
@@ -298,9 +299,9 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, in
     _check_mrope("apply_mrope", q, k, position_ids, inv_freq, sec, ranks=(3, 4))
     if q.dim() == 4:
         q3, k3 = q.flatten(0, 1), k.flatten(0, 1)
-        q_out, k_out = torch.ops.mmfuse.apply_mrope(q3, k3, position_ids.reshape(3, -1), inv_freq, sec, False)
+        q_out, k_out = _apply_mrope(q3, k3, position_ids.reshape(3, -1), inv_freq, sec, False)
         return q_out.view(q.shape), k_out.view(k.shape)
-    return torch.ops.mmfuse.apply_mrope(q, k, position_ids.reshape(3, -1), inv_freq, sec, False)
+    return _apply_mrope(q, k, position_ids.reshape(3, -1), inv_freq, sec, False)
 
 
 def vision_rope_cos_sin(grid_thw: torch.Tensor, head_dim: int, spatial_merge_size: int = 2,

@@ -17,6 +17,7 @@ import torch
 from mmfuse import _core
 from mmfuse.ops import _alloc, _backend, reference
 from mmfuse.ops._checks import check_float, check_same_device, dtype_code, num_threads, ptr
+from mmfuse.ops._eager import FusedOp
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -114,7 +115,7 @@ def _swiglu_packed_backward_cpp(dout, x):
 
 # ---- swiglu ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("mmfuse::swiglu", mutates_args=())
+@FusedOp.define("mmfuse::swiglu")
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check("swiglu", gate, up)
     backend = _backend.select("swiglu", gate, up)
@@ -133,7 +134,7 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("mmfuse::swiglu_backward", mutates_args=())
+@FusedOp.define("mmfuse::swiglu_backward")
 def _swiglu_backward(dout: torch.Tensor, gate: torch.Tensor,
                      up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check("swiglu_backward", gate, up)
@@ -159,7 +160,7 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_grad(ctx, dout):
     gate, up = ctx.saved_tensors
-    return torch.ops.mmfuse.swiglu_backward(dout, gate, up)
+    return _swiglu_backward(dout, gate, up)
 
 
 _swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
@@ -167,7 +168,7 @@ _swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 # ---- swiglu_packed -----------------------------------------------------------------------------
 
-@torch.library.custom_op("mmfuse::swiglu_packed", mutates_args=())
+@FusedOp.define("mmfuse::swiglu_packed")
 def _swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     _check_packed("swiglu_packed", x)
     backend = _backend.select("swiglu_packed", x)
@@ -186,7 +187,7 @@ def _(x):
     return x.new_empty(_half_shape(x))
 
 
-@torch.library.custom_op("mmfuse::swiglu_packed_backward", mutates_args=())
+@FusedOp.define("mmfuse::swiglu_packed_backward")
 def _swiglu_packed_backward(dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     _check_packed("swiglu_packed_backward", x)
     _check_dout("swiglu_packed_backward", dout, torch.Size(_half_shape(x)), x)
@@ -211,7 +212,7 @@ def _swiglu_packed_setup(ctx, inputs, output):
 
 def _swiglu_packed_grad(ctx, dout):
     (x,) = ctx.saved_tensors
-    return torch.ops.mmfuse.swiglu_packed_backward(dout, x)
+    return _swiglu_packed_backward(dout, x)
 
 
 _swiglu_packed.register_autograd(_swiglu_packed_grad, setup_context=_swiglu_packed_setup)
@@ -221,9 +222,9 @@ _swiglu_packed.register_autograd(_swiglu_packed_grad, setup_context=_swiglu_pack
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in fp32 math, one rounding; gate and up [..., N] of one float dtype."""
-    return torch.ops.mmfuse.swiglu(gate, up)
+    return _swiglu(gate, up)
 
 
 def swiglu_packed(x: torch.Tensor) -> torch.Tensor:
     """swiglu(x[..., :N], x[..., N:]) for x [..., 2N] (the fused gate/up projection's output)."""
-    return torch.ops.mmfuse.swiglu_packed(x)
+    return _swiglu_packed(x)
