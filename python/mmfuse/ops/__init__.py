@@ -1,6 +1,8 @@
 """Fused operators. Each is a `torch.library.custom_op` in namespace `mmfuse` (so also
 `torch.ops.mmfuse.<name>`), works in eager mode and under `torch.compile`, and dispatches on the
-tensors' device (see `mmfuse.ops._backend`). `mmfuse.ops.reference` holds the exact contracts."""
+tensors' device (see `mmfuse.ops._backend`). `mmfuse.ops.reference` holds the exact contracts.
+In plain eager mode the functions here call the ops' implementations around the dispatcher, with
+bitwise the same results (`mmfuse.ops._eager`)."""
 
 from mmfuse.ops import reference
 from mmfuse.ops.attention import attention, attention_merge
