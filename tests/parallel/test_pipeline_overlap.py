@@ -25,7 +25,9 @@ def test_overlapped_schedules_are_bit_identical_to_the_blocking_one(layout_kw, n
     pp = layout_kw["pp"]
     blocking = run_ranks(pp, train_rank, layout_kw, n_micro, False, STEPS, timeout_s=30)
     assert blocking[-1]["losses"][0][1] > 0
-    for protocol in ("tagged", "ordered"):
+    # Ordered 1F1B is the blocking exchange (nothing to overlap), which `blocking` already ran.
+    protocols = ("tagged", "ordered") if layout_kw.get("vpp", 1) > 1 else ("tagged",)
+    for protocol in protocols:
         overlapped = run_ranks(pp, train_rank, layout_kw, n_micro, True, STEPS, protocol, timeout_s=30)
         for got, want in zip(overlapped, blocking):
             assert got["losses"] == want["losses"], protocol
