@@ -135,9 +135,11 @@ def test_ctrl_c_exits_130_and_leaves_a_loadable_latest_checkpoint(demo, tmp_path
         p for p in (str(Path(mmfuse.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
     args = [demo.train_yaml, "--save-dir", str(save), "--no-progress", "--set", "training.seq_length=160"]
     # A checkpoint every step, so the signal may well land inside a save.
+    # SIGINT back to its default in the child: a runner started as a background job ignores it, and
+    # the child would inherit that (Python installs its Ctrl-C handler only over the default).
     proc = subprocess.Popen([sys.executable, "-m", "mmfuse", "train", *args, "--max-steps", "100000",
                              "--save-interval", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240          # a guard against a broken run, not a speed requirement
         while ckpt.latest_checkpoint(save) is None or ckpt.latest_checkpoint(save).name < ckpt.step_dir_name(2):
@@ -145,7 +147,14 @@ def test_ctrl_c_exits_130_and_leaves_a_loadable_latest_checkpoint(demo, tmp_path
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            # Say how the child handled SIGINT (ignored, caught) before it is killed.
+            status = Path(f"/proc/{proc.pid}/status")
+            masks = [ln for ln in status.read_text().splitlines() if ln.startswith(("SigIgn", "SigCgt"))] \
+                if status.exists() else []
+            raise AssertionError(f"the run did not stop within 120 s of SIGINT; {masks}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
