@@ -9,11 +9,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmfuse import ops
 from mmfuse.ops import _eager
+from tests.ops.backends import BACKENDS, on
 
 
-def _inputs(seed):
+def _inputs(seed, device):
     g = torch.Generator().manual_seed(seed)
-    return lambda *shape: torch.randn(*shape, generator=g)
+    return lambda *shape: torch.randn(*shape, generator=g).to(device)
 
 
 def _rms_norm(r):
@@ -33,8 +34,8 @@ def _rotary(r):
 
 def _apply_mrope(r):
     q, k = r(6, 4, 16), r(6, 2, 16)
-    pos = torch.arange(18).reshape(3, 6) % 5
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    pos = on(q.device, torch.arange(18).reshape(3, 6) % 5)
+    inv_freq = on(q.device, 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
     return (q, k), lambda q, k: ops.apply_mrope(q, k, pos, inv_freq, [2, 3, 3])
 
 
@@ -49,7 +50,7 @@ def _swiglu_packed(r):
 def _attention(r):
     # Packed, causal GQA with the lse returned: the lse's gradient flows into the backward too.
     q, k, v = r(12, 4, 16), r(12, 2, 16), r(12, 2, 16)
-    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    cu = on(q.device, torch.tensor([0, 5, 12], dtype=torch.int32))
 
     def fn(q, k, v):
         out, lse = ops.attention(q, k, v, cu, cu, 7, 7, causal=True, return_lse=True)
@@ -61,25 +62,27 @@ CASES = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rotary": _rotary
          "swiglu": _swiglu, "swiglu_packed": _swiglu_packed, "attention": _attention}
 
 
-def _run(case, route: bool):
+def _run(case, route: bool, device="cpu"):
     previous = _eager.set_enabled(route)
     try:
-        leaves, fn = CASES[case](_inputs(0))
+        leaves, fn = CASES[case](_inputs(0, device))
         leaves = [t.clone().requires_grad_(True) for t in leaves]
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
         grad_fns = {type(o.grad_fn).__name__ for o in outs}
-        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        weights = [on(device, torch.randn(o.shape, generator=torch.Generator().manual_seed(i)))
+                   for i, o in enumerate(outs)]
         sum((o * w).sum() for o, w in zip(outs, weights)).backward()
         return [o.detach() for o in outs], [t.grad for t in leaves], grad_fns
     finally:
         _eager.set_enabled(previous)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_eager_route_is_bitwise_the_custom_op(case):
-    outs, grads, grad_fns = _run(case, route=True)
-    want_outs, want_grads, want_fns = _run(case, route=False)
+def test_eager_route_is_bitwise_the_custom_op(case, device):
+    outs, grads, grad_fns = _run(case, True, device)
+    want_outs, want_grads, want_fns = _run(case, False, device)
     # Each route really ran: the graph nodes name it.
     assert all(n.startswith("Eager_mmfuse_") for n in grad_fns), grad_fns
     assert all(n.startswith("GeneratedBackwardFor_mmfuse_") for n in want_fns), want_fns
