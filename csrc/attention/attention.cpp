@@ -121,11 +121,15 @@ inline void vstore(float* p, vecf v) { std::memcpy(p, &v, sizeof v); }
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // C[R x NV*kVW] (+)= A[R x K] B[K x NV*kVW]; A's element (r, kk) is at A[r * ars + kk * aks] (so A may be
-// read transposed), B rows are ldb apart, C rows ldc apart.
+// read transposed), B rows are ldb apart, C rows ldc apart. The loops over r are unrolled before GCC's scalar
+// replacement of the accumulator arrays: left to the later unroller, GCC 13 kept c0/c1 on the stack, zeroing them
+// with two `rep stos` and copying them through memory around the K loop on every call (at K = 16, a tiny
+// model's head dim, that was most of a call).
 template <int R, int NV>
 inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
                          float* C, int64_t ldc, bool accumulate) {
   vecf c0[R], c1[R];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     c0[r] = accumulate ? vload(C + r * ldc) : vecf{};
     if constexpr (NV == 2) c1[r] = accumulate ? vload(C + r * ldc + kVW) : vecf{};
@@ -135,12 +139,14 @@ inline void micro_kernel(int64_t K, const float* A, int64_t ars, int64_t aks, co
     vecf b1{};
     if constexpr (NV == 2) b1 = vload(B + kk * ldb + kVW);
     const float* a = A + kk * aks;
-    for (int r = 0; r < R; ++r) {
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
       const float ar = a[r * ars];  // scalar * vector: one broadcast ({1to16} operand with AVX-512)
       c0[r] += ar * b0;
       if constexpr (NV == 2) c1[r] += ar * b1;
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     vstore(C + r * ldc, c0[r]);
     if constexpr (NV == 2) vstore(C + r * ldc + kVW, c1[r]);
@@ -370,7 +376,10 @@ struct SeqMask {
 // token, all heads of the chunk at once, into per-head buffers. chunk[b] = 0: the tiled path.
 struct ShortPlan {
   std::unique_ptr<int64_t[]> chunk, seq, hk0;
-  int64_t count = 0, max_lq = 0, max_lk = 0;
+  // max_stage_bytes: the largest item's staged operands (chunk[b] * bytes_per_kv_head), what a thread's staging
+  // buffer must hold; sized per call rather than kStageBytes, so a call on a few short sequences does not allocate
+  // and zero 768 KiB per thread (the tiny Qwen2.5-VL's attention calls are tens of microseconds of work).
+  int64_t count = 0, max_lq = 0, max_lk = 0, max_stage_bytes = 0;
   template <typename F>
   ShortPlan(const AttentionShape& a, int threads, F&& bytes_per_kv_head) : chunk(new int64_t[a.batch + 1]) {
     const int32_t *cq = a.cu_seqlens_q, *ck = a.cu_seqlens_k;
@@ -394,6 +403,7 @@ struct ShortPlan {
         chunk[b] = std::min(chunk[b], cap);
         chunk[b] = (a.heads_k + (a.heads_k + chunk[b] - 1) / chunk[b] - 1) / ((a.heads_k + chunk[b] - 1) / chunk[b]);
         count += (a.heads_k + chunk[b] - 1) / chunk[b];
+        max_stage_bytes = std::max(max_stage_bytes, chunk[b] * bytes_per_kv_head(cq[b + 1] - cq[b], ck[b + 1] - ck[b]));
       }
     seq.reset(new int64_t[count > 0 ? count : 1]);
     hk0.reset(new int64_t[count > 0 ? count : 1]);
@@ -717,9 +727,13 @@ void fwd_kernel(const AttentionFwdArgs& a) {
       }
     }
     constexpr int64_t ldS = round_up(kFK, kVW) + kVW;  // S rows: an odd number of vectors (L1 sets)
-    std::unique_ptr<M_[]> Qb(new M_[kFQ * D]()), Sb(new M_[kFQ * ldS]()), Ob(new M_[kFQ * Dp]()), mb(new M_[kFQ]),
-        lb(new M_[kFQ]), tmpb(new M_[kVW * Dpn]()),
-        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
+    // Query rows one attend() call handles: a tile, or at most the longest short sequence. Buffers sized to
+    // the call: zeroing kFQ-row buffers and a full staging area per thread cost more than the attention itself
+    // for the tiny Qwen2.5-VL's calls.
+    const int64_t rows = long_items > 0 ? kFQ : std::min<int64_t>(kFQ, std::max<int64_t>(plan.max_lq, 1));
+    std::unique_ptr<M_[]> Qb(new M_[long_items > 0 ? kFQ * D : 1]()), Sb(new M_[rows * ldS]()),
+        Ob(new M_[rows * Dp]()), mb(new M_[rows]), lb(new M_[rows]), tmpb(new M_[kVW * Dpn]()),
+        stageb(plan.count > 0 ? new M_[plan.max_stage_bytes / sizeof(M_) + 1]() : nullptr);
     M_ *S = Sb.get(), *O = Ob.get(), *m = mb.get(), *l = lb.get();
 
     // Query rows [i0, i0 + ni) of head h of a sequence whose rows start at q0: Qr holds them scaled (rows D apart);
@@ -997,13 +1011,16 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       for (int s = tid; s < nt; s += nthr) std::memset(dQpart.get() + int64_t(s) * part, 0, sizeof(M_) * part);
     }
     const bool tiled = kitems > 0;
+    // Query rows per products() call: a tile, or at most the longest short sequence (buffers sized to the call,
+    // as in the forward).
+    const int64_t rows = tiled ? kBQ : std::min<int64_t>(kBQ, std::max<int64_t>(plan.max_lq, 1));
     std::unique_ptr<M_[]> Qb(new M_[tiled ? kBQ * ldr : 1]()), Gb(new M_[tiled ? kBQ * ldr : 1]()),
         Kb(new M_[tiled && dq_in_pass1 ? kBK * ldr : 1]()), Ktb(new M_[tiled ? D * kBKp : 1]()),
-        Vtb(new M_[tiled ? D * kBKp : 1]()), Sb(new M_[kBQ * kBKp]()), dPb(new M_[kBQ * kBKp]()),
+        Vtb(new M_[tiled ? D * kBKp : 1]()), Sb(new M_[rows * kBKp]()), dPb(new M_[rows * kBKp]()),
         dKb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()),
         dVb(new M_[std::max(tiled ? kBK : 0, plan.max_lk) * Dp + 1]()), dQb(new M_[plan.max_lq * Dp + 1]()),
         rowb(new M_[Dpn]()), tmpb(new M_[kVW * Dpn]()),
-        stageb(plan.count > 0 ? new M_[kStageBytes / sizeof(M_)]() : nullptr);
+        stageb(plan.count > 0 ? new M_[plan.max_stage_bytes / sizeof(M_) + 1]() : nullptr);
     M_ *Kt = Ktb.get(), *Vt = Vtb.get(), *S = Sb.get(), *dP = dPb.get(), *dK = dKb.get(), *dV = dVb.get();
 
     // The five products of query rows [i0, i0 + ni) x key rows [j0, j0 + nk) of one (query head, kv head):
@@ -1039,13 +1056,19 @@ void bwd_kernel(const AttentionBwdArgs& a) {
       probabilities<M_>(S, kBKp, lse_r, ni, nk, i0, j0, mask, full);
       gemm_tile<M_>(nk, Dp, ni, S, 1, kBKp, G, ldq, dV_, Dp, true, kNR, nullptr, by_key_rows);  // dV += P^T dO
       rows_by_keys(G, Vt_, dP);                                                                  // dP = dO V^T
+      // dS over the keys [lo, hi) the row sees, 0 elsewhere (dP there may hold stale values of blocks
+      // rows_by_keys skipped). Written as one select per element, GCC kept this loop scalar: 8% of a
+      // [2 x 256, 2 heads, D 16] backward.
       for (int64_t r = 0; r < ni; ++r) {
         M_* d = dP + r * kBKp;
         const M_* p = S + r * kBKp;
         const M_ dvr = dv_r[r];
-        const int64_t lo = full ? 0 : mask.lo(i0 + r) - j0, hi = full ? nk - 1 : mask.hi(i0 + r) - j0;
+        const int64_t lo = full ? 0 : std::min<int64_t>(nk, std::max<int64_t>(0, mask.lo(i0 + r) - j0));
+        const int64_t hi = full ? nk : std::min<int64_t>(nk, std::max<int64_t>(lo, mask.hi(i0 + r) - j0 + 1));
+        for (int64_t c = 0; c < lo; ++c) d[c] = 0;
 #pragma omp simd
-        for (int64_t c = 0; c < nk; ++c) d[c] = c >= lo && c <= hi ? p[c] * (d[c] - dvr) : M_(0);  // dS
+        for (int64_t c = lo; c < hi; ++c) d[c] = p[c] * (d[c] - dvr);  // dS
+        for (int64_t c = hi; c < nk; ++c) d[c] = 0;
       }
       gemm_tile<M_>(nk, Dp, ni, dP, 1, kBKp, Q, ldq, dK_, Dp, true, kNR, nullptr, by_key_rows);  // dK += dS^T Q
       if (Kr)  // dQ += dS K (both scaled on store)
