@@ -11,6 +11,10 @@ A --so argument is a `_C*.so` file or a directory holding one. Cases (fp32 unles
   dense         S=2048, H 16, D 128;          dense_causal: the same, causal (one-sequence cases also
                 time sdpa_bhsd: SDPA on contiguous [1, H, S, D] copies, bench_attention's layout)
   varlen        8 seqs packed in 8192 tokens (bench_attention's lengths), causal, GQA 16/2, D 128
+  tiny_vision_full, tiny_vision_windows, tiny_text   the tiny Qwen2.5-VL's calls (head dim 16): two
+                224 px images' full attention (2 x 256 patches, 2 heads), their 64-patch windows (8 of
+                them), the text of two packed samples (144 + 112 tokens, causal, GQA 4/2); at tens of
+                microseconds per call these time per-call overhead (buffers, thread team) as much as math
 Prints p50 ms (p20-p80) per build and mode and each build's ratio to the first build and to SDPA.
 """
 
@@ -57,8 +61,15 @@ def make_case(name: str, dtype: torch.dtype):
     elif name == "varlen":
         T, Hq, Hk, D, causal = 8192, 16, 2, 128, True
         lengths = packed_lengths(T, 8, 200)
+    elif name == "tiny_vision_full":
+        lengths, Hq, Hk, D, causal = [256, 256], 2, 2, 16, False
+    elif name == "tiny_vision_windows":
+        lengths, Hq, Hk, D, causal = [64] * 8, 2, 2, 16, False
+    elif name == "tiny_text":
+        lengths, Hq, Hk, D, causal = [144, 112], 4, 2, 16, True
     else:
         raise ValueError(name)
+    T = sum(lengths)
     q = torch.randn(T, Hq, D, generator=g).to(dtype)
     k = torch.randn(T, Hk, D, generator=g).to(dtype)
     v = torch.randn(T, Hk, D, generator=g).to(dtype)
