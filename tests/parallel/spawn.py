@@ -22,6 +22,7 @@ import os
 import socket
 import tempfile
 import traceback
+from multiprocessing import forkserver
 from pathlib import Path
 
 import torch
@@ -35,10 +36,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Imported once by the fork server; ranks fork from it with these already loaded. Modules that import
-# triton are left out: TRITON_INTERPRET must be set (below) before triton is first imported.
-PRELOAD = ["torch", "torch.distributed", "mmfuse", "mmfuse.ops", "mmfuse.parallel", "mmfuse.models.qwen2_5_vl",
-           "mmfuse.train", "tests.parallel.spawn"]
+# Imported once by the fork server; ranks fork from it with these already loaded. torch._dynamo is
+# imported by the first torch.optim optimizer a rank builds (3.6 s here), and it imports triton, which
+# decides at import whether its language runs interpreted: the server starts with TRITON_INTERPRET=1
+# (unless the caller set it), the ranks' default.
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "mmfuse", "mmfuse.ops", "mmfuse.parallel",
+           "mmfuse.models.qwen2_5_vl", "mmfuse.train", "tests.parallel.spawn"]
+
+
+def _ensure_fork_server() -> None:
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        forkserver.ensure_running()  # started once; later calls return at once
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, timeout_s: float, init: bool, env: dict,
@@ -65,7 +79,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, timeout_s: float
 
 
 def run_ranks(world_size: int, fn, *args, timeout_s: float = 60.0, init: bool = True) -> list:
-    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)  # read when the server starts (first call)
+    _ensure_fork_server()
     with tempfile.TemporaryDirectory() as out:
         try:
             mp.start_processes(_entry, args=(world_size, free_port(), out, timeout_s, init, dict(os.environ), fn, args),

@@ -8,6 +8,19 @@ from torch import nn
 from mmfuse import ops
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose constructor leaves a meta-device weight as it is. nn.Embedding draws N(0, 1)
+    into its weight on construction. On the meta device (from_pretrained builds the model there) that
+    `normal_` runs through torch._refs, whose import pulls in torch._dynamo: 3-4 s on the 2-core CPU
+    machine, once per process, a fifth of `mmfuse demo` and part of every `mmfuse train` start and
+    every spawned rank. A meta weight is filled by the loader, and the model's init_weights draws the
+    weights it keeps anyway."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """HF-compatible RMSNorm (`weight * normalise(x).to(x.dtype)`, fp32 statistics) on the fused op."""
 

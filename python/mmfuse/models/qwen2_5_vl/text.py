@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmfuse import ops
-from mmfuse.models.common.layers import CoreAttention, RMSNorm
+from mmfuse.models.common.layers import CoreAttention, Embedding, RMSNorm
 from mmfuse.models.common.recompute import maybe_recompute
 from mmfuse.models.qwen2_5_vl.config import TextConfig
 
@@ -82,7 +82,7 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Not a buffer: `model.to(bfloat16)` would round it, and the kernel wants the fp32 values.
