@@ -20,7 +20,8 @@ computes the M-RoPE positions itself.
 Peak memory: every (provider, size) runs in a fresh subprocess that loads the same weights file and
 builds the same inputs from the seed. After model + inputs are built and every weight has been read
 once (safetensors maps weights lazily; otherwise the first step's page-in of the weights would count
-as step memory, for every provider alike), the kernel's RSS high-water
+as step memory, for every provider alike) and torch._dynamo is imported (a first custom-op call
+imports it otherwise: ~140 MiB of modules), the kernel's RSS high-water
 mark is reset (`echo 5 > /proc/self/clear_refs`) and the current RSS is the baseline; the peak is
 VmHWM after two steps, minus the baseline (ru_maxrss growth where clear_refs is unavailable: it
 cannot be reset, so a peak below the one of model construction is hidden; the record says which).
@@ -320,6 +321,11 @@ def measure_memory(provider: str, size: str, weights_dir: Path, seed: int, quick
     model = load_model(provider, weights_dir)
     batch = build_batch(cfg, QUICK_LAYOUT if quick else LAYOUTS[size], seed)
     page_in(model)
+    # Module imports are not step memory. A process's first call of a torch.library custom op imports
+    # torch._dynamo (torch wraps custom-op kernels in torch._disable_dynamo): about 140 MiB of modules, once
+    # per process. transformers imports it when it loads a model and mmfuse's from_pretrained does not, so
+    # without this mmfuse's first step carried it (tiny: 162 instead of 20 MiB).
+    import torch._dynamo  # noqa: F401
     gc.collect()
     rss = PeakRss()
     built_maxrss = PeakRss.maxrss()
