@@ -29,7 +29,7 @@ from mmfuse.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataConfig", "ImageProcessor", "MLLMDataset", "default_processor", "load_data_config"]
+__all__ = ["DataConfig", "ImageProcessor", "MLLMDataset", "default_processor", "load_data_config", "process_media"]
 
 
 class ImageProcessor(Protocol):
@@ -81,16 +81,7 @@ class MLLMDataset:
     def process(self, sample: MLLMSample) -> ProcessedSample:
         """Decode media, run the processor and the template; SampleError if the sample is unusable."""
         cfg = self.config
-        out: dict[str, Any] = {}
-        if sample.images:
-            images = [load_image(p, cfg.image_min_pixels, cfg.image_max_pixels) for p in sample.images]
-            out.update(self._run_processor(images=images))
-        if sample.videos:
-            loaded = [load_video(p, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_fps, cfg.video_maxlen)
-                      for p in sample.videos]
-            out.update(self._run_processor(videos=[frames for frames, _ in loaded]))
-            temporal = getattr(self.processor, "temporal_patch_size", 2)
-            out["second_per_grid_ts"] = torch.tensor([temporal / rate for _, rate in loaded], dtype=torch.float32)
+        out = process_media(sample, cfg, self.processor)
         encoded = self.template.encode(sample.messages, sample.system, image_grid_thw=out.get("image_grid_thw"),
                                        video_grid_thw=out.get("video_grid_thw"), cutoff_len=cfg.cutoff_len,
                                        train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history)
@@ -100,18 +91,6 @@ class MLLMDataset:
             pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"),
             pixel_values_videos=out.get("pixel_values_videos"), video_grid_thw=out.get("video_grid_thw"),
             second_per_grid_ts=out.get("second_per_grid_ts"), where=sample.where)
-
-    def _run_processor(self, **media) -> dict[str, torch.Tensor]:
-        (kind, items), = media.items()
-        result = self.processor(**media)
-        prefix = "" if kind == "images" else "_videos"
-        pixels = torch.as_tensor(result[f"pixel_values{prefix}"])
-        grid = torch.as_tensor(result["image_grid_thw" if kind == "images" else "video_grid_thw"]).to(torch.int64)
-        grid = grid.reshape(-1, 3)
-        if grid.shape[0] != len(items) or int(grid.prod(-1).sum()) != pixels.shape[0]:
-            raise SampleError("processor_mismatch", f"image processor returned {grid.shape[0]} grids / "
-                                                    f"{pixels.shape[0]} patch rows for {len(items)} {kind}")
-        return {f"pixel_values{prefix}": pixels, ("image_grid_thw" if kind == "images" else "video_grid_thw"): grid}
 
     def load(self, index: int) -> ProcessedSample | None:
         """The processed sample, or None if it is unusable (counted in `report` the first time)."""
@@ -180,6 +159,36 @@ class MLLMDataset:
             item = self.load(i)
             if item is not None:
                 yield item
+
+
+def process_media(sample: MLLMSample, cfg: DataConfig, processor: ImageProcessor) -> dict[str, Any]:
+    """A sample's images and videos, decoded under cfg's pixel bounds and run through the processor:
+    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw / second_per_grid_ts (only
+    the keys of media the sample has). SampleError naming the file for unreadable media."""
+    out: dict[str, Any] = {}
+    if sample.images:
+        images = [load_image(p, cfg.image_min_pixels, cfg.image_max_pixels) for p in sample.images]
+        out.update(_run_processor(processor, images=images))
+    if sample.videos:
+        loaded = [load_video(p, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_fps, cfg.video_maxlen)
+                  for p in sample.videos]
+        out.update(_run_processor(processor, videos=[frames for frames, _ in loaded]))
+        temporal = getattr(processor, "temporal_patch_size", 2)
+        out["second_per_grid_ts"] = torch.tensor([temporal / rate for _, rate in loaded], dtype=torch.float32)
+    return out
+
+
+def _run_processor(processor: ImageProcessor, **media) -> dict[str, torch.Tensor]:
+    (kind, items), = media.items()
+    result = processor(**media)
+    prefix = "" if kind == "images" else "_videos"
+    pixels = torch.as_tensor(result[f"pixel_values{prefix}"])
+    grid = torch.as_tensor(result["image_grid_thw" if kind == "images" else "video_grid_thw"]).to(torch.int64)
+    grid = grid.reshape(-1, 3)
+    if grid.shape[0] != len(items) or int(grid.prod(-1).sum()) != pixels.shape[0]:
+        raise SampleError("processor_mismatch", f"image processor returned {grid.shape[0]} grids / "
+                                                f"{pixels.shape[0]} patch rows for {len(items)} {kind}")
+    return {f"pixel_values{prefix}": pixels, ("image_grid_thw" if kind == "images" else "video_grid_thw"): grid}
 
 
 def _warn_if_videos_need_pyav(samples: list[MLLMSample]) -> None:

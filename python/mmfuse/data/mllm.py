@@ -143,8 +143,9 @@ def _media_list(record: dict, column: str | None, kind: str) -> list[str]:
 
 
 def parse_sample(record: Any, attr: DatasetAttr, dataset_dir: str | os.PathLike | None = None,
-                 source: str = "", index: int = -1, check_files: bool = True) -> MLLMSample:
-    """Validate one record and return it as an MLLMSample; raise SampleError with the first rule broken."""
+                 source: str = "", index: int = -1, check_files: bool = True, need_answer: bool = True) -> MLLMSample:
+    """Validate one record and return it as an MLLMSample; raise SampleError with the first rule broken.
+    need_answer=False also accepts a conversation ending with a user turn (a prompt to answer)."""
     if isinstance(record, SampleError):
         raise record
     if not isinstance(record, dict):
@@ -179,7 +180,7 @@ def parse_sample(record: Any, attr: DatasetAttr, dataset_dir: str | os.PathLike 
         if role != expected:
             raise SampleError("not_alternating", f"message {i} has role {role!r} where {expected!r} was expected "
                                                  f"(turns must alternate user, assistant, ...)")
-    if len(messages) % 2:
+    if len(messages) % 2 and need_answer:
         raise SampleError("no_answer", "the conversation ends with a user turn; the last message must be "
                                        "the assistant's answer")
 
@@ -208,7 +209,7 @@ def parse_sample(record: Any, attr: DatasetAttr, dataset_dir: str | os.PathLike 
 
 def iter_samples(path: str | os.PathLike, attr: DatasetAttr | None = None,
                  dataset_dir: str | os.PathLike | None = None, check_files: bool = True,
-                 max_samples: int | None = None) -> Iterator[MLLMSample | SampleError]:
+                 max_samples: int | None = None, need_answer: bool = True) -> Iterator[MLLMSample | SampleError]:
     """Each record of a file (the first `max_samples` if given) as an MLLMSample or the SampleError
     saying why it is unusable; blank JSONL lines are passed over."""
     attr = attr or DatasetAttr()
@@ -219,18 +220,20 @@ def iter_samples(path: str | os.PathLike, attr: DatasetAttr | None = None,
         if record is None:
             continue
         try:
-            yield parse_sample(record, attr, dataset_dir, source=str(path), index=index, check_files=check_files)
+            yield parse_sample(record, attr, dataset_dir, source=str(path), index=index, check_files=check_files,
+                               need_answer=need_answer)
         except SampleError as err:
             yield SampleError(err.reason, err.detail, where=f"{path}[{index}]")
 
 
 def load_samples(path: str | os.PathLike, attr: DatasetAttr | None = None,
                  dataset_dir: str | os.PathLike | None = None, check_files: bool = True,
-                 max_samples: int | None = None, report: SkipReport | None = None) -> list[MLLMSample]:
+                 max_samples: int | None = None, report: SkipReport | None = None,
+                 need_answer: bool = True) -> list[MLLMSample]:
     """The usable samples of a file; the others are counted in `report` with file and index."""
     report = report if report is not None else SkipReport()
     good = []
-    for item in iter_samples(path, attr, dataset_dir, check_files, max_samples):
+    for item in iter_samples(path, attr, dataset_dir, check_files, max_samples, need_answer):
         if isinstance(item, SampleError):
             report.add_error(item)
         else:

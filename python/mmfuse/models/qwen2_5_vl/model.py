@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmfuse.models.common.kv_cache import KVCache
 from mmfuse.models.common.layers import LinearCrossEntropyLoss
 from mmfuse.models.common.recompute import RecomputeConfig, run_layers, set_selective
 from mmfuse.models.qwen2_5_vl.config import Qwen2_5_VLConfig
@@ -160,8 +161,18 @@ class Qwen2_5_VL(nn.Module):
         hidden_TD = self._place_vision(hidden_TD, inp.ids, image_embeds, has_images, self.cfg.image_token_id, "image")
         return self._place_vision(hidden_TD, inp.ids, video_embeds, has_videos, self.cfg.video_token_id, "video")
 
-    def decode(self, hidden_TD: torch.Tensor, inp: "DecoderInputs", layers) -> torch.Tensor:
-        """hidden through `layers` (all of self.model.layers, or a pipeline stage's share)."""
+    def decode(self, hidden_TD: torch.Tensor, inp: "DecoderInputs", layers, kv_cache: KVCache | None = None
+               ) -> torch.Tensor:
+        """hidden through `layers` (all of self.model.layers, or a pipeline stage's share). With a
+        kv_cache (generation; one LayerKVCache per layer), the tokens attend to their sequences'
+        cached tokens as well and add their own keys and values to the cache."""
+        if kv_cache is not None:
+            if len(kv_cache.layers) != len(layers):
+                raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the decoder {len(layers)}")
+            for layer, cache in zip(layers, kv_cache.layers):
+                hidden_TD = layer(hidden_TD, inp.position_ids, inp.inv_freq, inp.cu_seqlens, inp.max_seqlen, cache)
+            return hidden_TD
+
         def layer_call(layer, h):
             return layer(h, inp.position_ids, inp.inv_freq, inp.cu_seqlens, inp.max_seqlen)
 
@@ -176,9 +187,15 @@ class Qwen2_5_VL(nn.Module):
             out.num_label_tokens = int((inp.target != inp.ignore_index).sum())
             out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         if return_logits or (return_logits is None and inp.target is None):
-            logits = hidden_TD @ self.output_weight.t()
+            logits = self.logits(hidden_TD, normed=True)
             out.logits = logits.view(*inp.batch_shape, -1) if len(inp.batch_shape) == 2 else logits
         return out
+
+    def logits(self, hidden_TD: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """[T, V] logits of decoder outputs (the final norm first unless `normed`)."""
+        if not normed:
+            hidden_TD = self.model.norm(hidden_TD)
+        return hidden_TD @ self.output_weight.t()
 
     def _place_vision(self, hidden_TD, ids_T, feats, has_grid: bool, token_id: int, kind: str):
         """Embeddings with the vision tower's output written at the pad tokens of `kind`."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmfuse import ops
+from mmfuse.models.common.kv_cache import LayerKVCache
 from mmfuse.models.common.layers import CoreAttention, Embedding, RMSNorm
 from mmfuse.models.common.recompute import maybe_recompute
 from mmfuse.models.qwen2_5_vl.config import TextConfig
@@ -36,13 +37,15 @@ class TextAttention(nn.Module):
         self.recompute_core_attention = False  # selective recompute: re-run only attention in backward
 
     def forward(self, x_TD: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_seqlen: int, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         # Head counts from the projections' widths, so a tensor-parallel plan that splits the
         # projections by heads needs no change here.
         q_THd = self.q_proj(x_TD).unflatten(-1, (-1, self.head_dim))
         k_TKd = self.k_proj(x_TD).unflatten(-1, (-1, self.head_dim))
         v_TKd = self.v_proj(x_TD).unflatten(-1, (-1, self.head_dim))
         q_THd, k_TKd = ops.apply_mrope(q_THd, k_TKd, position_ids, inv_freq, self.mrope_section)
+        if kv_cache is not None:   # generation: the new tokens attend to their sequences' cached ones too
+            return self.o_proj(kv_cache.attend(q_THd, k_TKd, v_TKd, cu_seqlens).flatten(1))
         out_THd = maybe_recompute(self.recompute_core_attention, self.core_attention, q_THd, k_TKd, v_TKd,
                                   cu_seqlens, max_seqlen)
         return self.o_proj(out_THd.flatten(1))
@@ -71,8 +74,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = TextMLP(cfg)
 
-    def forward(self, x_TD, position_ids, inv_freq, cu_seqlens, max_seqlen: int):
-        h = x_TD + self.self_attn(self.input_layernorm(x_TD), position_ids, inv_freq, cu_seqlens, max_seqlen)
+    def forward(self, x_TD, position_ids, inv_freq, cu_seqlens, max_seqlen: int,
+                kv_cache: LayerKVCache | None = None):
+        h = x_TD + self.self_attn(self.input_layernorm(x_TD), position_ids, inv_freq, cu_seqlens, max_seqlen,
+                                  kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
