@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import data, demo, info, merge_lora, plan, train
+from mmfuse.cli import data, demo, infer, info, merge_lora, plan, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parser(sub)
     demo.add_parser(sub)
     train.add_parser(sub)
+    infer.add_parser(sub)
     data.add_parser(sub)
     plan.add_parser(sub)
     merge_lora.add_parser(sub)
