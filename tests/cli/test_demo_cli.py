@@ -23,13 +23,17 @@ def _report(out: str) -> dict[str, float | str]:
 
 def test_demo_learns_the_task(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--no-progress"]) == 0
-    r = _report(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    r = _report(out)
     assert r["last_loss"] < 0.5 * r["first_loss"]
     # A model that ignores the image answers at chance (the most frequent answer per question kind);
     # the demo recorded 51% against 23.5% chance.
     assert r["after"] >= r["chance"] + 15.0
     assert r["after"] > r["before"]
     assert (Path(r["checkpoint"]) / "config.json").is_file()
+    assert "held-out questions answered by the fine-tuned model (greedy decoding):" in out
+    assert out.count("(reference '") == 3
+    assert f"ask your own: mmfuse infer {r['checkpoint']} --question" in out
     assert Path(r["png"]).stat().st_size > 1000
     lines = (Path(r["checkpoint"]).parent / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 600 and json.loads(lines[-1])["step"] == 600

@@ -99,6 +99,14 @@ def test_unequal_query_and_key_lengths_align_bottom_right(causal, device):
     _check([30], [5], 2, 2, 64, causal=causal, window=(3, -1), device=device)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", LONG)
+def test_generation_steps_over_long_caches(causal, device):
+    # One (or a few) new query rows per sequence against caches longer than the short path takes: the tiled
+    # path with buffers sized to its largest query tile, not to a full tile.
+    _check([1, 1, 3], [600, 300, 1000], 8, 2, 64, causal=causal, device=device)
+
+
 @pytest.mark.parametrize("dtype,backend", with_backends([torch.bfloat16, torch.float16, torch.float64]), ids=str)
 def test_low_and_double_precision(dtype, device):
     # float64 runs the reference under the Triton backend (the kernels keep to fp32 math).

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
           f"(mean of the last {len(tail)} steps)")
     print(f"held-out answer accuracy: {before.accuracy:.1%} before -> {after.accuracy:.1%} after "
           f"({after.correct}/{after.total}; chance {chance:.1%})")
+    show_answers(Path(cfg.checkpoint.save_dir) / "final", demo.eval_dir)
     print(f"checkpoint (Hugging Face format): {Path(cfg.checkpoint.save_dir) / 'final'}")
     print(f"loss curve: {png}")
     print(f"metrics: {Path(cfg.checkpoint.save_dir) / 'metrics.jsonl'}; run config: {demo.train_yaml}")
@@ -62,6 +63,24 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped samples: {batches.report.format()}")
     return 0
+
+
+def show_answers(final: Path, eval_dir: str, n: int = 3) -> None:
+    """A few held-out questions answered by generation (what `mmfuse infer` does), and the command to ask more."""
+    from mmfuse.data.mllm import IMAGE_TAG, load_samples
+    from mmfuse.infer import GenerationConfig
+    from mmfuse.infer.answerer import Answerer
+
+    answerer = Answerer(final)
+    samples = load_samples(Path(eval_dir) / "mllm_data.json", dataset_dir=eval_dir)[:n]
+    prompts = [answerer.prompt(s) for s in samples]
+    answers = answerer.answer(prompts, GenerationConfig(max_new_tokens=16))
+    print("held-out questions answered by the fine-tuned model (greedy decoding):")
+    for sample, prompt, answer in zip(samples, prompts, answers):
+        question = sample.messages[0].content.replace(IMAGE_TAG, "")
+        print(f"  {Path(sample.images[0]).name}: {question} -> {answer!r} (reference {prompt.reference!r})")
+    if samples:
+        print(f"ask your own: mmfuse infer {final} --question 'What colour is the shape?' --image {samples[0].images[0]}")
 
 
 def run_showcase(args: argparse.Namespace) -> int:
