@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfuse.cli import data, demo, infer, info, merge_lora, plan, train
+from mmfuse.cli import data, demo, eval as eval_cli, infer, info, merge_lora, plan, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     train.add_parser(sub)
     infer.add_parser(sub)
+    eval_cli.add_parser(sub)
     data.add_parser(sub)
     plan.add_parser(sub)
     merge_lora.add_parser(sub)

@@ -24,7 +24,7 @@ class Prompt:
 
 
 def question_sample(question: str, images: list[str] | None = None, videos: list[str] | None = None,
-                    system: str | None = None) -> MLLMSample:
+                    system: str | None = None, source: str = "<question>", index: int = 0) -> MLLMSample:
     """One user turn. Media with no <image>/<video> tag in the question are placed before its text
     (one tag per file, images first), the way a chat UI sends an attachment."""
     images, videos = list(images or []), list(videos or [])
@@ -35,7 +35,7 @@ def question_sample(question: str, images: list[str] | None = None, videos: list
         raise ValueError(f"the question has {n_img} {IMAGE_TAG} and {n_vid} {VIDEO_TAG} tags for {len(images)} "
                          f"image and {len(videos)} video files: give one file per tag, or no tags at all")
     return MLLMSample(messages=[Message("user", question)], images=images, videos=videos, system=system,
-                      source="<question>", index=0)
+                      source=source, index=index)
 
 
 def build_prompt(sample: MLLMSample, config: DataConfig, template: Qwen2VLTemplate,
