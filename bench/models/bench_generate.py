@@ -1,21 +1,28 @@
 """Greedy generation with Qwen2.5-VL on the CPU: mmfuse's `generate` (packed prefill, key/value cache,
 fused ops) against transformers' `generate(do_sample=False)` (sdpa attention, its dynamic cache), on the
-same weights and the same prompt: one image and text, as in bench_qwen2_5_vl_step's first sample.
+same weights and the same prompts: one image and text each, as in bench_qwen2_5_vl_step's samples.
+With --batch B, B prompts are generated together: mmfuse packs them into one stream (no padding),
+transformers gets them left-padded with an attention mask.
 
-Both must produce the same tokens (the benchmark stops otherwise). Each provider is timed generating
+mmfuse must produce the tokens transformers produces for each prompt alone (the benchmark stops
+otherwise); whether transformers' padded batch does too is recorded. Each provider is timed generating
 1 token (prefill: the vision tower and the prompt through the decoder, time to first token) and
-NEW tokens; decode time per token = (t_NEW - t_1) / (NEW - 1). Neither stops early: no end token.
+NEW tokens per prompt; decode time per step (one token for each prompt) = (t_NEW - t_1) / (NEW - 1).
+Neither stops early: no end token.
 
 What to expect, written before measuring. A decode step of one sequence reads every text weight
 once (layers + the tied LM head: 40.5M parameters at 100m, 162 MB fp32) and does 2 FLOPs per weight
 (81 MFLOP): memory-bound, about 10-16 ms per token at this VM's 10-15 GB/s, plus per-op overhead
 (~10 ops per layer). At the tiny size the weights are 0.4 MB, so a step is all overhead: Python,
 dispatch, cache bookkeeping. transformers' generate adds logits processors, stopping criteria and
-cache objects per step, and its M-RoPE path per step.
+cache objects per step, and its M-RoPE path per step. A batch of B reads the weights once per step
+for all B tokens, so a step should cost little more than one sequence's while the weights dominate;
+transformers' padded batch also attends over the padding.
 
 examples:
   PYTHONPATH=python:. python bench/models/bench_generate.py --quick
   PYTHONPATH=python:. python bench/models/bench_generate.py            # tiny and 100m
+  PYTHONPATH=python:. python bench/models/bench_generate.py --batch 4  # 4 prompts at once
 """
 
 from __future__ import annotations
@@ -45,26 +52,52 @@ from mmfuse.models.qwen2_5_vl import Qwen2_5_VLConfig  # noqa: E402
 MMFUSE, HF = "mmfuse", "transformers"
 
 
-def providers(cfg: Qwen2_5_VLConfig, weights: Path, layout, seed: int):
-    """{provider: fn(n_new) -> list of new token ids} on the first sample of the layout."""
-    batch = build_batch(cfg, layout[:1], seed)
+def providers(cfg: Qwen2_5_VLConfig, weights: Path, layout, seed: int, batch: int):
+    """{provider: fn(n_new) -> new token ids per prompt} for `batch` prompts (the layout's samples in turn,
+    each with its own random text): mmfuse packs them into one stream; transformers takes them left-padded
+    with an attention mask (its batched generate), or alone for a batch of 1. Also the prompts' lengths and
+    transformers' tokens per prompt alone (the reference of the correctness check)."""
+    samples = build_batch(cfg, tuple(layout[i % len(layout)] for i in range(batch)), seed).per_sample
     ours, hf = load_model(MMFUSE, weights).eval(), load_model("hf_per_sample", weights).eval()
-    p = batch.per_sample[0]
-    ids = p["input_ids"][0]
-    prompt = ProcessedSample(input_ids=ids, labels=torch.full_like(ids, -100), pixel_values=p["pixel_values"],
-                             image_grid_thw=p["image_grid_thw"])
+    prompts = [ProcessedSample(input_ids=p["input_ids"][0], labels=torch.full_like(p["input_ids"][0], -100),
+                               pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"]) for p in samples]
+    lengths = [int(p["input_ids"].shape[1]) for p in samples]
+    pad = cfg.bos_token_id   # <|endoftext|>, Qwen's pad token
+    s_max = max(lengths)
+    padded = {
+        "input_ids": torch.stack([torch.cat([torch.full((s_max - n,), pad), p["input_ids"][0]])
+                                  for p, n in zip(samples, lengths)]),
+        "attention_mask": torch.stack([torch.cat([torch.zeros(s_max - n, dtype=torch.long),
+                                                  torch.ones(n, dtype=torch.long)]) for n in lengths]),
+        "mm_token_type_ids": torch.stack([torch.cat([torch.zeros(s_max - n, dtype=torch.int32),
+                                                     p["mm_token_type_ids"][0]]) for p, n in zip(samples, lengths)]),
+        "pixel_values": torch.cat([p["pixel_values"] for p in samples]),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in samples]),
+    }
 
-    def run_ours(n: int) -> list[int]:
-        return generate(ours, [prompt], GenerationConfig(max_new_tokens=n))[0].tokens
+    def run_ours(n: int) -> list[list[int]]:
+        return [g.tokens for g in generate(ours, prompts, GenerationConfig(max_new_tokens=n))]
 
     @torch.no_grad()
-    def run_hf(n: int) -> list[int]:
-        out = hf.generate(input_ids=p["input_ids"], mm_token_type_ids=p["mm_token_type_ids"],
-                          pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"], max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, ids.numel():].tolist()
+    def hf_generate(inputs: dict, n: int) -> torch.Tensor:
+        return hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=pad)
 
-    return {MMFUSE: run_ours, HF: run_hf}, int(ids.numel())
+    def run_hf(n: int) -> list[list[int]]:
+        if batch == 1:
+            p = samples[0]
+            inputs = {k: p[k] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+            return [hf_generate(inputs, n)[0, lengths[0]:].tolist()]
+        return [row[s_max:].tolist() for row in hf_generate(padded, n)]
+
+    def hf_alone(n: int) -> list[list[int]]:
+        out = []
+        for p, length in zip(samples, lengths):
+            inputs = {k: p[k] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+            out.append(hf_generate(inputs, n)[0, length:].tolist())
+        return out
+
+    return {MMFUSE: run_ours, HF: run_hf}, lengths, hf_alone
 
 
 def interleaved(runs: dict, new_tokens: int, reps: int, max_time_s: float) -> dict[str, tuple[float, float]]:
@@ -90,26 +123,33 @@ def bench_size(size: str, args, tmp: Path, say) -> dict:
     cfg = Qwen2_5_VLConfig.preset(size)
     weights = tmp / size
     write_weights(cfg, args.seed, weights)
-    runs, prompt_tokens = providers(cfg, weights, QUICK_LAYOUT if args.quick else LAYOUTS[size], args.seed)
+    layout = QUICK_LAYOUT if args.quick else LAYOUTS[size]
+    runs, lengths, hf_alone = providers(cfg, weights, layout, args.seed, args.batch)
+    prompt_tokens = sum(lengths)
     tokens = {name: fn(args.new_tokens) for name, fn in runs.items()}
-    if tokens[MMFUSE] != tokens[HF]:
-        raise SystemExit(f"{size}: the providers generate different tokens: mmfuse {tokens[MMFUSE]}, "
-                         f"transformers {tokens[HF]}")
-    out = {"prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "tokens": tokens[MMFUSE], "records": []}
+    reference = hf_alone(args.new_tokens)
+    if tokens[MMFUSE] != reference:
+        raise SystemExit(f"{size}: mmfuse generates {tokens[MMFUSE]}, transformers (each prompt alone) {reference}")
+    hf_batched_equal = tokens[HF] == reference
+    if not hf_batched_equal:   # padding changes transformers' rounding; reported, not fatal
+        say(f"{size}: transformers' padded batch generates other tokens than its prompts alone")
+    out = {"batch": args.batch, "prompt_lengths": lengths, "prompt_tokens": prompt_tokens,
+           "new_tokens": args.new_tokens, "tokens": tokens[MMFUSE], "transformers_batched_equals_alone": hf_batched_equal,
+           "records": []}
     times = interleaved(runs, args.new_tokens, args.reps, args.max_time)
     for name, (first, full) in times.items():
         per_token = (full - first) / (args.new_tokens - 1)
         out["records"].append({"provider": name, "prefill_p50_ms": first, "total_p50_ms": full,
-                               "decode_ms_per_token": per_token,
-                               "decode_tokens_per_s": 1e3 / per_token if per_token > 0 else None})
-        say(f"{size} {name}: prefill {first:.1f} ms ({prompt_tokens} tokens), decode "
-            f"{per_token:.2f} ms/token, {args.new_tokens} tokens in {full:.0f} ms")
+                               "decode_ms_per_step": per_token,
+                               "decode_tokens_per_s": args.batch * 1e3 / per_token if per_token > 0 else None})
+        say(f"{size} x{args.batch} {name}: prefill {first:.1f} ms ({prompt_tokens} tokens), decode step "
+            f"{per_token:.2f} ms ({args.batch} tokens), {args.new_tokens} tokens each in {full:.0f} ms")
     by = {r["provider"]: r for r in out["records"]}
     out["speedup"] = {"prefill": by[HF]["prefill_p50_ms"] / by[MMFUSE]["prefill_p50_ms"],
-                      "decode_per_token": by[HF]["decode_ms_per_token"] / by[MMFUSE]["decode_ms_per_token"],
+                      "decode_step": by[HF]["decode_ms_per_step"] / by[MMFUSE]["decode_ms_per_step"],
                       "total": by[HF]["total_p50_ms"] / by[MMFUSE]["total_p50_ms"]}
-    say(f"{size}: mmfuse / transformers speed-up: prefill {out['speedup']['prefill']:.2f}x, decode per token "
-        f"{out['speedup']['decode_per_token']:.2f}x, all {args.new_tokens} tokens {out['speedup']['total']:.2f}x")
+    say(f"{size} x{args.batch}: mmfuse / transformers speed-up: prefill {out['speedup']['prefill']:.2f}x, decode "
+        f"step {out['speedup']['decode_step']:.2f}x, all {args.new_tokens} tokens {out['speedup']['total']:.2f}x")
     return out
 
 
@@ -122,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 7; quick 2)")
     p.add_argument("--max-time", type=float, default=60.0, metavar="S",
                    help="stop taking reps after S seconds once 3 are done (default 60)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts generated together (default 1; transformers gets them left-padded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: bench/results/qwen2_5_vl-generate-<date>-<commit>.json)")
@@ -150,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     commit, _ = common.git_commit()
     out = args.out or (common.REPO_ROOT / "bench" / "results" /
                        f"qwen2_5_vl-generate-{time.strftime('%Y-%m-%d', time.gmtime())}-{commit or 'nogit'}"
-                       f"{'-quick' if args.quick else ''}.json")
+                       f"{f'-b{args.batch}' if args.batch > 1 else ''}{'-quick' if args.quick else ''}.json")
     common.write_json(out, {"benchmark": "qwen2_5_vl_generate", "environment": env,
-                            "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "quick": args.quick},
+                            "settings": {"new_tokens": args.new_tokens, "reps": args.reps, "quick": args.quick,
+                                         "batch": args.batch},
                             "sizes": results})
     say(f"wrote {out}")
     return 0

@@ -406,16 +406,23 @@ struct ShortPlan {
   // and zero 768 KiB per thread (the tiny Qwen2.5-VL's attention calls are tens of microseconds of work).
   int64_t count = 0, max_lq = 0, max_lk = 0, max_stage_bytes = 0;
   // Sequences of 1 .. few_rows query rows (chunk[b] = -1) take neither path (the forward's few-rows path):
-  // few_seq lists them.
+  // few_seq lists them. With skip_queryless (the forward: nothing to compute for a sequence without query
+  // rows; the backward must still zero its keys' gradients) such sequences take no path at all (chunk[b] =
+  // -2): generation describes the unused tail of each sequence's cache buffer as one of them.
   std::unique_ptr<int64_t[]> few_seq;
   int64_t few_count = 0;
   template <typename F>
-  ShortPlan(const AttentionShape& a, int threads, F&& bytes_per_kv_head, int64_t few_rows = 0)
+  ShortPlan(const AttentionShape& a, int threads, F&& bytes_per_kv_head, int64_t few_rows = 0,
+            bool skip_queryless = false)
       : chunk(new int64_t[a.batch + 1]), few_seq(new int64_t[a.batch + 1]) {
     const int32_t *cq = a.cu_seqlens_q, *ck = a.cu_seqlens_k;
     int64_t seqs = 0;
     for (int64_t b = 0; b < a.batch; ++b) {
       const int64_t lq = cq[b + 1] - cq[b], lk = ck[b + 1] - ck[b];
+      if (lq == 0 && skip_queryless) {
+        chunk[b] = -2;
+        continue;
+      }
       if (lq > 0 && lq <= few_rows) {
         chunk[b] = -1;
         few_seq[few_count++] = b;
@@ -730,7 +737,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
   const auto stage_o = [&](int64_t lq) { return stage_size(lq * D); };  // the output, token-major
   const ShortPlan plan(a, nt0, [&](int64_t lq, int64_t lk) {
     return (group * (stage_q(lq) + stage_o(lq)) + stage_k(lk) + stage_v(lk)) * int64_t(sizeof(M_));
-  }, kFewRows);
+  }, kFewRows, /*skip_queryless=*/true);
   const TileList tiles(a.cu_seqlens_q, a.batch, kFQ, plan);
   const int64_t long_items = tiles.count * Hq, short_end = long_items + plan.count;
   const int64_t items = short_end + plan.few_count * Hk;

@@ -62,7 +62,7 @@ def _commands(parser=None, prefix=()):
 def test_every_command_is_in_the_help_smoke_test():
     assert sorted(map(tuple, _commands())) == sorted([
         ("info",), ("demo",), ("showcase",), ("train",), ("plot",), ("data",), ("data", "llava2mllm"),
-        ("data", "check"), ("data", "make-demo"), ("plan",), ("merge-lora",)])
+        ("data", "check"), ("data", "make-demo"), ("plan",), ("merge-lora",), ("infer",), ("eval",)])
 
 
 @pytest.mark.parametrize("command", [[]] + _commands(), ids=lambda c: " ".join(c) or "mmfuse")

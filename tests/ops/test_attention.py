@@ -105,6 +105,9 @@ def test_generation_steps_over_long_caches(causal, device):
     # One (or a few) new query rows per sequence against caches longer than the short path takes: the tiled
     # path with buffers sized to its largest query tile, not to a full tile.
     _check([1, 1, 3], [600, 300, 1000], 8, 2, 64, causal=causal, device=device)
+    # Sequences without query rows between them (how generation describes the unused tail of each cache
+    # buffer): skipped by the forward, and their keys get zero gradients.
+    _check([1, 0, 2, 0, 0], [600, 400, 20, 300, 5], 8, 2, 64, causal=causal, device=device)
 
 
 @pytest.mark.parametrize("dtype,backend", with_backends([torch.bfloat16, torch.float16, torch.float64]), ids=str)
