@@ -79,6 +79,23 @@ def test_greedy_equals_transformers_generate(pair, case):
     assert len({t for g in got for t in g.tokens}) > NEW_TOKENS // 2   # the test model does not repeat itself
 
 
+def test_greedy_with_the_triton_kernels_equals_transformers_generate(pair, monkeypatch):
+    """The same generation through the Triton kernels (on a GPU when there is one, else in Triton's
+    interpreter): prefill with packed prompts, decode steps over cache buffers with query-less tails."""
+    hf, ours, cfg = pair
+    prompts = _prompts(cfg, "packed_mix")
+    if torch.cuda.is_available():
+        import copy
+
+        model = copy.deepcopy(ours).to("cuda")
+    else:
+        monkeypatch.setenv("MMFUSE_BACKEND", "triton")
+        model = ours
+    got = generate(model, prompts, GenerationConfig(max_new_tokens=5))
+    for p, g in zip(prompts, got):
+        assert g.tokens == _hf_generate(hf, cfg, p, 5)
+
+
 def test_greedy_equals_recomputing_the_whole_sequence_each_step(pair):
     """The cached path against a plain forward over prompt + tokens so far (no cache), per step."""
     _, ours, cfg = pair
