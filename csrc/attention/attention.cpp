@@ -359,6 +359,19 @@ M_ softmax_row(M_* s, int64_t n, M_& m, M_& alpha) {
   }
 }
 
+// softmax_row for one query row plus the rest of the online-softmax step: l (the row's sum) and its output
+// row o [D] rescaled when the reference m moved.
+template <typename M_>
+inline void online_softmax_step(M_* s, int64_t n, M_& m, M_& l, M_* o, int64_t D) {
+  M_ alpha = 1;
+  const M_ sum = softmax_row<M_>(s, n, m, alpha);
+  l = l * alpha + sum;
+  if (alpha != M_(1)) {
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
+  }
+}
+
 // sum_c a[c] b[c], c < D.
 template <typename M_>
 inline M_ dot_row(const M_* a, const M_* b, int64_t D) {
@@ -835,14 +848,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
           const M_* qr = Qf + rr * Dp;
           for (int64_t n = 0; n < nbv; ++n) s[n] = ninf;
           for (int64_t n = lo; n < hi; ++n) s[n] = dot_row<M_>(qr, Kr + n * ldkv, D);
-          M_ alpha = 1;
-          const M_ sum = softmax_row<M_>(s, nbv, mf[rr], alpha);
-          lf[rr] = lf[rr] * alpha + sum;
-          if (alpha != M_(1)) {
-            M_* o = Of + rr * Dp;
-#pragma omp simd
-            for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-          }
+          online_softmax_step<M_>(s, nbv, mf[rr], lf[rr], Of + rr * Dp, D);
         }
         for (int64_t n = 0; n < nb; ++n) {
           const M_* vr = Vr + n * ldkv;
@@ -920,14 +926,7 @@ void fwd_kernel(const AttentionFwdArgs& a) {
           const int64_t hi = full ? nk : std::min<int64_t>(nk, mask.hi(i0 + r) - j0 + 1);
           for (int64_t c = 0; c < lo; ++c) s[c] = ninf;
           for (int64_t c = std::max<int64_t>(hi, 0); c < nkv; ++c) s[c] = ninf;
-          M_ alpha = 1;
-          const M_ sum = softmax_row<M_>(s, nkv, m[r], alpha);
-          l[r] = l[r] * alpha + sum;
-          if (alpha != M_(1)) {
-            M_* o = O + r * Dp;
-#pragma omp simd
-            for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-          }
+          online_softmax_step<M_>(s, nkv, m[r], l[r], O + r * Dp, D);
         }
         if (full) {
           gemm_tile<M_>(ni - rs, Dp, nk, S + rs * ldS, ldS, 1, Vp, vld, O + rs * Dp, Dp, true, vbps);  // O += P V

@@ -16,11 +16,9 @@ from mmfuse.data.mllm import load_samples
 from mmfuse.infer import GenerationConfig, generate
 from mmfuse.infer.answerer import Answerer, eos_token_ids
 from mmfuse.infer.prompts import build_prompt, question_sample
-from mmfuse.models.common.lora import LoRAConfig, apply_lora, save_adapters
-from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from mmfuse.train.demo import make_demo_run
+from tests.cli.test_merge_lora_cli import _base_and_adapters
 from tests.models.test_qwen2_5_vl_training_features import _batch
-from tests.models.qwen_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -106,25 +104,14 @@ def test_missing_model_directory_and_bad_flags_fail_with_a_message(tmp_path, dem
 
 
 def test_adapters_are_folded_into_the_loaded_model(tmp_path):
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = Qwen2_5_VL(cfg)
-    base = tmp_path / "base"
-    model.save_pretrained(base)
+    cfg, adapted = _base_and_adapters(tmp_path)        # base/ and adapters/ under tmp_path
     tokenizer_dir = Path(make_demo_dataset(tmp_path / "d", n_samples=1).model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (base / name).write_bytes((tokenizer_dir / name).read_bytes())
-    lcfg = LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
-    apply_lora(model, lcfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    save_adapters(model, tmp_path / "adapters", lcfg)
-    loaded = Answerer(base, adapters=tmp_path / "adapters").model
+        (tmp_path / "base" / name).write_bytes((tokenizer_dir / name).read_bytes())
+    loaded = Answerer(tmp_path / "base", adapters=tmp_path / "adapters").model
     batch = _batch(cfg)
     with torch.no_grad():
-        want = model(**batch, return_logits=True).logits
+        want = adapted(**batch, return_logits=True).logits
         got = loaded(**batch, return_logits=True).logits
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 

@@ -11,15 +11,9 @@ from mmfuse.infer.generate import next_tokens
 from mmfuse.models.common.kv_cache import KVCache
 from mmfuse.models.qwen2_5_vl import Qwen2_5_VL
 from tests.models.qwen_fixtures import hf_twin, mm_token_types, pixels_for, sample, tiny_config
+from tests.models.test_qwen2_5_vl_model import CASES   # text, images, a video, a packed mix
 
 NEW_TOKENS = 12
-CASES = {
-    "text_only": [[23]],
-    "one_image": [[5, ("image", (1, 6, 10)), 7]],
-    "two_images_of_different_sizes": [[3, ("image", (1, 4, 4)), 4, ("image", (1, 10, 6)), 2]],
-    "video": [[4, ("video", (2, 4, 6)), 5]],
-    "packed_mix": [[9], [2, ("image", (1, 4, 8)), 3, ("video", (2, 2, 4)), 1], [3, ("image", (1, 12, 4)), 6]],
-}
 
 
 @pytest.fixture(scope="module")
