@@ -72,6 +72,25 @@ def test_question_with_an_image_prints_one_answer(demo, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+def test_streamed_answer_equals_the_complete_one(demo, capsys):
+    image = load_samples(_eval_file(demo), dataset_dir=demo.eval_dir)[1].images[0]
+    args = ["infer", demo.model_dir, "--question", "What shape is this?", "--image", image, "--max-new-tokens", "12"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert main(args + ["--no-stream"]) == 0
+    assert streamed.strip() == capsys.readouterr().out.strip()
+    answerer = Answerer(demo.model_dir)
+    with torch.no_grad():   # a random model that says something: the untrained one mostly emits special tokens
+        for p in answerer.model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    prompt = answerer.prompt(question_sample("What shape is this?", images=[image]))
+    pieces: list[str] = []
+    answer = answerer.stream(prompt, GenerationConfig(max_new_tokens=12), pieces.append)
+    assert len(pieces) > 2 and len(answer) > 5
+    assert "".join(pieces).strip() == answer == answerer.answer([prompt], GenerationConfig(max_new_tokens=12))[0]
+
+
 def test_question_tags_and_files_must_agree(demo, capsys):
     image = load_samples(_eval_file(demo), dataset_dir=demo.eval_dir)[0].images[0]
     rc = main(["infer", demo.model_dir, "--question", "<image><image>Same?", "--image", image])

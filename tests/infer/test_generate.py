@@ -118,6 +118,22 @@ def test_an_end_token_stops_its_sequence_and_the_others_go_on(pair):
     assert any(not g.finished for g in got)     # the batch shrank and went on
 
 
+def test_on_tokens_sees_every_step_of_the_unfinished_prompts(pair):
+    _, ours, cfg = pair
+    prompts = _prompts(cfg, "packed_mix")
+    free = generate(ours, prompts, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    eos = free[1].tokens[3]
+    seen = [[] for _ in prompts]
+
+    def on_tokens(rows, tokens):
+        assert len(rows) == len(tokens)
+        for r, t in zip(rows, tokens):
+            seen[r].append(t)
+
+    got = generate(ours, prompts, GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=(eos,)), on_tokens)
+    assert seen == [g.tokens for g in got]
+
+
 def test_bf16_model_generates_and_mostly_agrees_with_fp32(pair):
     _, ours, cfg = pair
     prompts = _prompts(cfg, "one_image")

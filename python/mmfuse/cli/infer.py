@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image-max-pixels", type=int, help="scale larger images down to this many pixels first "
                                                         "(default: the training default, 262144)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-stream", action="store_true",
+                   help="with --question: print the answer when it is complete, not as it is generated")
     p.set_defaults(run=run)
 
 
@@ -88,7 +90,11 @@ def run(args) -> int:
             prompt = answerer.prompt(question_sample(args.question, args.image, args.video, args.system))
         except (SampleError, ValueError) as exc:
             return _fail(str(exc))
-        print(answerer.answer([prompt], gen)[0])
+        if args.no_stream:
+            print(answerer.answer([prompt], gen)[0])
+        else:   # the answer as it is generated
+            answerer.stream(prompt, gen, lambda piece: print(piece, end="", flush=True))
+            print()
         return 0
 
     report = SkipReport()

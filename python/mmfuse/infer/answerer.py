@@ -76,19 +76,46 @@ class Answerer:
     def prompt(self, sample: MLLMSample) -> Prompt:
         return build_prompt(sample, self.data, self.template, self.processor)
 
+    def _with_eos(self, cfg: GenerationConfig) -> GenerationConfig:
+        return GenerationConfig(**{**cfg.__dict__, "eos_token_ids": tuple(cfg.eos_token_ids) or self.eos})
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def stream(self, prompt: Prompt, cfg: GenerationConfig, write: Callable[[str], None]) -> str:
+        """The answer to one prompt, with write(piece) called as its text grows (pieces that end in
+        half a multi-byte character wait for the rest). Returns the whole answer, as answer() would."""
+        tokens: list[int] = []
+        shown = ""
+
+        def on_tokens(_rows: list[int], step: list[int]) -> None:
+            nonlocal shown
+            tokens.extend(t for t in step if t not in self.eos)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                return
+            write(text[len(shown):])
+            shown = text
+
+        out = generate(self.model, [prompt.sample], self._with_eos(cfg), on_tokens=on_tokens)[0]
+        answer = self._text(out.tokens[:-1] if out.finished else out.tokens)
+        if answer.startswith(shown.strip()) and len(answer) > len(shown.strip()):
+            write(answer[len(shown.strip()):])
+        return answer
+
     def answer(self, prompts: Sequence[Prompt], cfg: GenerationConfig, batch_size: int = 8,
                progress: Callable[[int], None] | None = None) -> list[str]:
         """The decoded answers (end token and special tokens left out), `batch_size` prompts decoded
         together; progress(n) after each batch of n."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        cfg = GenerationConfig(**{**cfg.__dict__, "eos_token_ids": tuple(cfg.eos_token_ids) or self.eos})
+        cfg = self._with_eos(cfg)
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             for out in generate(self.model, [p.sample for p in chunk], cfg):
                 tokens = out.tokens[:-1] if out.finished else out.tokens
-                answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+                answers.append(self._text(tokens))
             if progress is not None:
                 progress(len(chunk))
         return answers

@@ -16,7 +16,7 @@ on every run of the same build.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,11 +72,16 @@ def next_tokens(logits_BV: torch.Tensor, cfg: GenerationConfig, generator: torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# on_tokens(prompt indices, tokens): called after every step with the token each unfinished prompt got.
+TokenCallback = Callable[[list[int], list[int]], None]
+
+
 @torch.no_grad()
-def generate(model: Qwen2_5_VL, prompts: Sequence[ProcessedSample], cfg: GenerationConfig | None = None
-             ) -> list[Generated]:
+def generate(model: Qwen2_5_VL, prompts: Sequence[ProcessedSample], cfg: GenerationConfig | None = None,
+             on_tokens: TokenCallback | None = None) -> list[Generated]:
     """New tokens for each prompt (its input_ids, pixel values and grids; labels are not used),
-    all prompts decoded together."""
+    all prompts decoded together. on_tokens, when given, sees each step's tokens as they come
+    (for streaming output)."""
     cfg = cfg or GenerationConfig()
     cfg.validate()
     if not prompts:
@@ -87,12 +92,13 @@ def generate(model: Qwen2_5_VL, prompts: Sequence[ProcessedSample], cfg: Generat
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, list(prompts), cfg)
+        return _generate(model, list(prompts), cfg, on_tokens)
     finally:
         model.train(was_training)
 
 
-def _generate(model: Qwen2_5_VL, prompts: list[ProcessedSample], cfg: GenerationConfig) -> list[Generated]:
+def _generate(model: Qwen2_5_VL, prompts: list[ProcessedSample], cfg: GenerationConfig,
+              on_tokens: TokenCallback | None) -> list[Generated]:
     device = next(model.parameters()).device
     batch = collate(prompts)
     to = (lambda t: None if t is None else t.to(device))
@@ -122,9 +128,12 @@ def _generate(model: Qwen2_5_VL, prompts: list[ProcessedSample], cfg: Generation
     for step in range(cfg.max_new_tokens):
         tok_B = next_tokens(logits_BV, cfg, generator)
         done = torch.isin(tok_B, eos).tolist()
-        for row, (p, t) in enumerate(zip(active, tok_B.tolist())):
+        step_tokens = tok_B.tolist()
+        for row, (p, t) in enumerate(zip(active, step_tokens)):
             out[p].tokens.append(t)
             out[p].finished = done[row]
+        if on_tokens is not None:
+            on_tokens(list(active), step_tokens)
         if step == cfg.max_new_tokens - 1:
             break
         keep = [row for row in range(len(active)) if not done[row]]
